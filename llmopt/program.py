@@ -1,0 +1,270 @@
+"""The Program: llmopt's IR, an ATen-level torch.fx graph plus its weights. Passes see nothing else.
+
+Entry point: `Program` (made by `llmopt.capture`). It gives
+- the graph (`program.graph`, `program.gm`) with weights as `get_attr` nodes,
+- nodes by role (`linears()`, `norms()`, `attentions()`, `embeddings()`, `lm_head()`; `llmopt.roles`),
+- weight get/set/add by node or name,
+- shape and dtype of every value (`shape(node)`: ints and sympy expressions for symbolic dims),
+- `verify()`, `dump()`, `run(input_ids, position_ids=None) -> logits`, `.to(device, dtype)`, `copy()`.
+"""
+import operator
+
+import torch
+from torch.fx import GraphModule, Node
+
+from llmopt.errors import VerifyError
+
+_SYMBOLIC_TARGETS = (operator.getitem, operator.add, operator.sub, operator.mul, operator.floordiv, operator.neg)
+
+
+class Program:
+    """An executable ATen graph with its weights; see the module docstring."""
+
+    def __init__(self, gm: GraphModule, config: dict = None, max_seq_len: int = 2048, recipe: list = None):
+        self.gm = gm
+        self.config = dict(config or {})
+        self.max_seq_len = max_seq_len
+        self.recipe = list(recipe or [])  # [{"pass": name, "options": {...}}], what was applied, in order
+
+    # ---- graph -------------------------------------------------------------------------------------
+    @property
+    def graph(self) -> torch.fx.Graph:
+        return self.gm.graph
+
+    def nodes(self, op: str = None, target=None) -> list:
+        return [n for n in self.graph.nodes if (op is None or n.op == op) and (target is None or n.target == target)]
+
+    def recompile(self):
+        """Regenerate code and shape metadata after graph edits."""
+        self.graph.lint()
+        self.gm.recompile()
+        self.refresh_meta()
+
+    def applied(self, pass_name: str) -> bool:
+        return any(step["pass"] == pass_name for step in self.recipe)
+
+    # ---- roles -------------------------------------------------------------------------------------
+    def linears(self):
+        from llmopt.roles import find_linears
+
+        return find_linears(self)
+
+    def norms(self):
+        from llmopt.roles import find_norms
+
+        return find_norms(self)
+
+    def attentions(self):
+        from llmopt.roles import find_attentions
+
+        return find_attentions(self)
+
+    def embeddings(self):
+        from llmopt.roles import find_embeddings
+
+        return find_embeddings(self)
+
+    def lm_head(self):
+        from llmopt.roles import find_lm_head
+
+        return find_lm_head(self)
+
+    # ---- weights -----------------------------------------------------------------------------------
+    def get_weight(self, node_or_name) -> torch.Tensor:
+        name = node_or_name.target if isinstance(node_or_name, Node) else node_or_name
+        return getattr(self.gm, name)
+
+    def set_weight(self, node_or_name, tensor: torch.Tensor):
+        """Replace a weight's tensor (shape may change; call `recompile()` after structural edits)."""
+        name = node_or_name.target if isinstance(node_or_name, Node) else node_or_name
+        if not hasattr(self.gm, name):
+            raise KeyError(f"the Program has no weight named {name!r}")
+        self.gm.register_buffer(name, tensor.detach())
+
+    def add_weight(self, name_hint: str, tensor: torch.Tensor, like: Node = None, weight_name: str = None) -> Node:
+        """Register a new weight and return its get_attr node (after `like`, else at the graph's top).
+
+        `weight_name` is the user-facing name (the model's parameter name) recorded in the node's meta.
+        """
+        name, i = name_hint, 1
+        while hasattr(self.gm, name):
+            name, i = f"{name_hint}_{i}", i + 1
+        self.gm.register_buffer(name, tensor.detach())
+        anchor = like if like is not None else next(iter(self.graph.nodes))
+        with self.graph.inserting_after(anchor) if like is not None else self.graph.inserting_before(anchor):
+            node = self.graph.get_attr(name)
+        node.meta["weight_name"] = weight_name or name
+        return node
+
+    def weights(self) -> dict:
+        """{attr name: tensor} of every weight the graph reads."""
+        return {n.target: self.get_weight(n) for n in self.nodes("get_attr")}
+
+    def remove_unused_weights(self):
+        for node in self.nodes("get_attr"):
+            if not node.users:
+                self.graph.erase_node(node)
+        used = {n.target for n in self.nodes("get_attr")}
+        for name in [name for name, _ in self.gm.named_buffers() if name not in used]:
+            delattr(self.gm, name)
+
+    def parameter_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.weights().values())
+
+    # ---- values ------------------------------------------------------------------------------------
+    def shape(self, node: Node) -> tuple:
+        """Shape of a node's value: ints, and sympy expressions for symbolic (dynamic) dims."""
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            raise VerifyError(f"node {node.name} has no tensor value (op {node.op} {node.target})")
+        return tuple(d.node.expr if isinstance(d, torch.SymInt) else int(d) for d in val.shape)
+
+    def dtype(self, node: Node) -> torch.dtype:
+        return node.meta["val"].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.weights().values())).device
+
+    @property
+    def dtype_(self) -> torch.dtype:
+        """The model's compute dtype: that of the token embedding table."""
+        embeddings = self.embeddings()
+        return self.get_weight(embeddings[0].weight).dtype if embeddings else torch.float32
+
+    def refresh_meta(self):
+        """Re-derive `meta["val"]` (fake tensors with symbolic dims) for every node, in order."""
+        placeholders = self.nodes("placeholder")
+        mode = placeholders[0].meta["val"].fake_mode
+        _FakePropagation(self.gm, mode).run(*[p.meta["val"] for p in placeholders])
+
+    def verify(self):
+        """Check the graph: well-formed, every op known, every weight present, shapes consistent."""
+        try:
+            self.graph.lint()
+        except Exception as err:  # fx raises RuntimeError/AssertionError with the node in the message
+            raise VerifyError(f"malformed graph: {err}") from err
+        for node in self.graph.nodes:
+            if node.op == "get_attr" and not hasattr(self.gm, node.target):
+                raise VerifyError(f"node {node.name} reads weight {node.target!r}, which the Program lacks")
+            if node.op == "call_function" and not _known_op(node.target):
+                raise VerifyError(f"node {node.name} calls {node.target}, which is neither an ATen nor an llmopt op")
+            if node.op in ("call_module", "call_method"):
+                raise VerifyError(f"node {node.name} is a {node.op}; Programs hold ATen/llmopt ops only")
+        try:
+            self.refresh_meta()
+        except Exception as err:  # shape propagation failure: report the node it stopped at
+            raise VerifyError(f"shapes are inconsistent: {err}") from err
+
+    # ---- execution ---------------------------------------------------------------------------------
+    def run(self, input_ids: torch.Tensor, position_ids: torch.Tensor = None) -> torch.Tensor:
+        """input_ids: [B, T] -> logits [B, T, V]."""
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[-1], device=input_ids.device).expand_as(input_ids)
+        with torch.no_grad():
+            out = self.gm(input_ids, position_ids.contiguous())
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    __call__ = run
+
+    def to(self, device=None, dtype: torch.dtype = None) -> "Program":
+        """Move weights (and device/dtype literals in the graph) in place; returns self."""
+        old_dtype = self.dtype_
+        for name, tensor in list(self.weights().items()):
+            moved = tensor.to(device) if device is not None else tensor
+            if dtype is not None and tensor.dtype == old_dtype:
+                moved = moved.to(dtype)
+            self.gm.register_buffer(name, moved)
+        if device is not None:
+            _rewrite_literals(self.graph, torch.device, lambda d: torch.device(device))
+            for p in self.nodes("placeholder"):
+                with p.meta["val"].fake_mode:
+                    p.meta["val"] = p.meta["val"].to(torch.device(device))
+        if dtype is not None and dtype != old_dtype:
+            keep_fp32 = old_dtype != torch.float32
+            _rewrite_literals(self.graph, torch.dtype, lambda d: dtype if d == old_dtype or (d.is_floating_point and not keep_fp32) else d)
+        self.recompile()
+        return self
+
+    def copy(self) -> "Program":
+        """An independent copy: same graph structure, cloned weights."""
+        root = torch.nn.Module()
+        for name, tensor in self.weights().items():
+            root.register_buffer(name, tensor.clone())
+        graph = torch.fx.Graph()
+        out = graph.graph_copy(self.graph, {})
+        graph.output(out)
+        return Program(GraphModule(root, graph), config=self.config, max_seq_len=self.max_seq_len, recipe=self.recipe)
+
+    def dump(self) -> str:
+        """Readable listing: one line a node with its role, shape and dtype."""
+        from llmopt.roles import role_of
+
+        lines = []
+        for node in self.graph.nodes:
+            val = node.meta.get("val")
+            typ = ""
+            if isinstance(val, torch.Tensor):
+                typ = f"{str(val.dtype).removeprefix('torch.')}{list(self.shape(node))}"
+            role = role_of(self, node)
+            args = ", ".join(_short(a) for a in node.args)
+            what = node.target if node.op == "get_attr" else (_op_name(node.target) if node.op == "call_function" else node.op)
+            lines.append(f"{node.name:<28} {typ:<32} {('[' + role + ']') if role else '':<12} {what}({args})")
+        return "\n".join(lines)
+
+    def __repr__(self):
+        return f"Program({len(self.graph.nodes)} nodes, {len(self.linears())} linears, {self.parameter_bytes() / 1e6:.1f} MB of weights)"
+
+
+class _FakePropagation(torch.fx.Interpreter):
+    """Runs the graph on fake tensors (symbolic shapes kept) and stores each result in meta['val']."""
+
+    def __init__(self, gm, mode):
+        super().__init__(gm)
+        self.mode = mode
+
+    def run_node(self, n):
+        if n.op == "placeholder":
+            result = super().run_node(n)
+        elif n.op == "get_attr":
+            result = self.mode.from_tensor(getattr(self.module, n.target), static_shapes=True)
+        else:
+            try:
+                with self.mode:
+                    result = super().run_node(n)
+            except Exception as err:  # re-raised with the node named
+                raise VerifyError(f"node {n.name} ({_op_name(n.target)}) fails on its input shapes: {err}") from err
+        if n.op != "output":
+            n.meta["val"] = result
+        return result
+
+
+def _known_op(target) -> bool:
+    if target in _SYMBOLIC_TARGETS:
+        return True
+    if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return target.namespace in ("aten", "llmopt", "prims")
+    return getattr(target, "__module__", "").startswith(("torch.", "_operator", "math")) or target in (torch.sym_max, torch.sym_min)
+
+
+def _rewrite_literals(graph, kind, fn):
+    def rewrite(a):
+        return fn(a) if isinstance(a, kind) else a
+
+    for node in graph.nodes:
+        node.args = torch.fx.node.map_aggregate(node.args, rewrite)
+        node.kwargs = torch.fx.node.map_aggregate(node.kwargs, rewrite)
+
+
+def _op_name(target) -> str:
+    return str(target).removeprefix("aten.") if isinstance(target, torch._ops.OpOverload) else getattr(target, "__name__", str(target))
+
+
+def _short(a) -> str:
+    if isinstance(a, Node):
+        return a.name
+    if isinstance(a, (list, tuple)):
+        return "[" + ", ".join(_short(x) for x in a) + "]"
+    return str(a)
+
+
