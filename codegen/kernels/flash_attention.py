@@ -1,0 +1,195 @@
+"""Prefill attention in Triton, FlashAttention-2 style (online softmax, one pass over K/V).
+
+Entry points:
+- `flash_attention(q [B, Hq, T, D], k [B, Hkv, S, D], v, scale, causal)`: the padded batch; same
+  function as `torch.ops.llmopt.attention(q, k, v, None, scale, causal)`.
+- `flash_attention_varlen(q [total_T, Hq, D], k [total_S, Hkv, D], v, cu_seqlens_q, cu_seqlens_k,
+  max_seqlen_q, scale, causal)`: a ragged batch, sequence b owning rows cu_seqlens[b]:cu_seqlens[b+1].
+
+Both launch one kernel. GQA: query head h reads KV head h // (Hq // Hkv); K/V are never repeated.
+Causal is aligned to the end (query i of T sees keys j <= i + S - T); query rows that see no key give
+zeros, as the reference does. KV blocks above the diagonal are skipped; blocks fully below it run
+without masks. fp16/bf16 operands accumulate in fp32; fp32 operands use IEEE dots.
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+_MASKED = -1.0e6  # finite, so a row with every key of a block masked stays NaN-free
+
+
+def _configs():
+    if triton.knobs.runtime.interpret:  # one small config: the interpreter runs each program in Python
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    shapes = [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 64, 8, 4)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Short queries waste most of a 128-row tile: keep the 64-row tiles for them."""
+    small = [c for c in configs if c.kwargs["BLOCK_M"] <= 64]
+    return small if named_args["seq_bucket"] <= 64 and small else configs
+
+
+@triton.jit
+def _attend_blocks(
+    acc, l_i, m_i, q,  # acc: [BLOCK_M, D] fp32, l_i/m_i: [BLOCK_M] fp32, q: [BLOCK_M, D]
+    k_base, v_base, stride_kt, stride_vt,
+    offs_m, offs_d, lo, hi, seq_k, causal_shift, qk_scale,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Online softmax over keys [lo, hi); MASKED blocks check key bounds and the causal diagonal."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k_ptrs = k_base + offs_n[:, None] * stride_kt + offs_d[None, :]
+        v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_d[None, :]
+        if MASKED:
+            k = tl.load(k_ptrs, mask=(offs_n < seq_k)[:, None], other=0.0)  # [BLOCK_N, D]
+        else:
+            k = tl.load(k_ptrs)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+        if MASKED:
+            keep = (offs_n < seq_k)[None, :]
+            if CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
+            qk = tl.where(keep, qk, _MASKED)
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if MASKED:
+            v = tl.load(v_ptrs, mask=(offs_n < seq_k)[:, None], other=0.0)  # [BLOCK_N, D]
+        else:
+            v = tl.load(v_ptrs)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.autotune(configs=_configs(), key=["seq_bucket", "HEAD_DIM", "CAUSAL"], prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _flash_attention_kernel(
+    # tensors: q/out [.., T, Hq, D]-like, k/v [.., S, Hkv, D]-like, addressed through the strides below
+    q_ptr, k_ptr, v_ptr, out_ptr, cu_seqlens_q, cu_seqlens_k,
+    # strides (batch, token, head); the head dim is contiguous
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_ob, stride_ot, stride_oh,
+    # sizes: padded batches use seq_q/seq_k for every sequence; varlen reads cu_seqlens
+    seq_q, seq_k, num_q_heads, group, qk_scale,
+    seq_bucket,  # next power of two of the longest query: the autotune key, so tuning is per bucket
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # longest tiles first: in the causal case the last query block of a head does the most work
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_q_heads
+    h = pid_bh % num_q_heads
+    kv_h = h // group
+    b64 = b.to(tl.int64)
+    q_base = q_ptr + b64 * stride_qb + h * stride_qh
+    k_base = k_ptr + b64 * stride_kb + kv_h * stride_kh
+    v_base = v_ptr + b64 * stride_vb + kv_h * stride_vh
+    o_base = out_ptr + b64 * stride_ob + h * stride_oh
+    if VARLEN:
+        q_start = tl.load(cu_seqlens_q + b).to(tl.int64)
+        seq_q = (tl.load(cu_seqlens_q + b + 1) - q_start).to(tl.int32)
+        k_start = tl.load(cu_seqlens_k + b).to(tl.int64)
+        seq_k = (tl.load(cu_seqlens_k + b + 1) - k_start).to(tl.int32)
+        q_base += q_start * stride_qt
+        k_base += k_start * stride_kt
+        v_base += k_start * stride_vt
+        o_base += q_start * stride_ot
+    start_m = pid_m * BLOCK_M
+    if start_m >= seq_q:
+        return
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < seq_q
+    q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
+
+    causal_shift = seq_k - seq_q  # query i sees keys j <= i + causal_shift
+    full_end = (seq_k // BLOCK_N) * BLOCK_N  # keys below this need no bounds check
+    hi = seq_k
+    if CAUSAL:
+        hi = tl.minimum(seq_k, tl.maximum(start_m + BLOCK_M + causal_shift, 0))
+        first_row_sees = tl.maximum(start_m + causal_shift + 1, 0)  # keys visible to every row
+        full_end = tl.minimum(full_end, (first_row_sees // BLOCK_N) * BLOCK_N)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
+                                   offs_m, offs_d, 0, full_end, seq_k, causal_shift, qk_scale,
+                                   False, CAUSAL, BLOCK_N, PRECISION)
+    acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
+                                   offs_m, offs_d, full_end, hi, seq_k, causal_shift, qk_scale,
+                                   True, CAUSAL, BLOCK_N, PRECISION)
+
+    sees_keys = l_i > 0  # false only where no key exists (seq_k == 0) ...
+    if CAUSAL:
+        sees_keys = sees_keys & (offs_m + causal_shift >= 0)  # ... or the row precedes every key (T > S)
+    out = tl.where(sees_keys[:, None], acc / tl.where(sees_keys, l_i, 1.0)[:, None], 0.0)
+    tl.store(o_base + offs_m[:, None] * stride_ot + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+def _check(q, k, v):
+    head_dim = q.shape[-1]
+    if head_dim not in (16, 32, 64, 128, 256) or k.shape[-1] != head_dim or v.shape[-1] != head_dim:
+        raise ValueError(f"flash_attention: head dim must be one power of two in 16..256, got q {q.shape}, k {k.shape}, v {v.shape}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"flash_attention: q, k, v must share one of fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
+
+
+def _launch(q, k, v, out, cu_q, cu_k, strides, seq_q, seq_k, batch, num_q_heads, num_kv_heads, max_seqlen_q, scale, causal, varlen):
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"flash_attention: {num_q_heads} query heads is not a multiple of {num_kv_heads} KV heads")
+    grid = lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), batch * num_q_heads)
+    _flash_attention_kernel[grid](
+        q, k, v, out, cu_q, cu_k, *strides,
+        seq_q, seq_k, num_q_heads, num_q_heads // num_kv_heads, scale * math.log2(math.e),
+        triton.next_power_of_2(max(max_seqlen_q, 1)),
+        HEAD_DIM=q.shape[-1], CAUSAL=causal, VARLEN=varlen,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+    return out
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:
+    """q: [B, Hq, T, D], k/v: [B, Hkv, S, D] -> out: [B, Hq, T, D] (the dtype of q)."""
+    _check(q, k, v)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    batch, num_q_heads, seq_q, _ = q.shape
+    num_kv_heads, seq_k = k.shape[1], k.shape[2]
+    out = torch.empty_like(q)  # [B, Hq, T, D]
+    strides = [q.stride(0), q.stride(2), q.stride(1), k.stride(0), k.stride(2), k.stride(1),
+               v.stride(0), v.stride(2), v.stride(1), out.stride(0), out.stride(2), out.stride(1)]
+    return _launch(q, k, v, out, q, k, strides, seq_q, seq_k, batch, num_q_heads, num_kv_heads, seq_q, scale, causal, False)
+
+
+def flash_attention_varlen(
+    q: torch.Tensor,  # [total_T, Hq, D]
+    k: torch.Tensor,  # [total_S, Hkv, D]
+    v: torch.Tensor,  # [total_S, Hkv, D]
+    cu_seqlens_q: torch.Tensor,  # [B + 1] int32
+    cu_seqlens_k: torch.Tensor,  # [B + 1] int32
+    max_seqlen_q: int,
+    scale: float,
+    causal: bool,
+) -> torch.Tensor:
+    """Ragged batch in one launch -> out: [total_T, Hq, D]. No host sync: max_seqlen_q sizes the grid."""
+    _check(q, k, v)
+    if cu_seqlens_q.dtype != torch.int32 or cu_seqlens_k.dtype != torch.int32 or cu_seqlens_q.shape != cu_seqlens_k.shape:
+        raise ValueError("flash_attention_varlen: cu_seqlens_q and cu_seqlens_k must be int32 [B + 1] each")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    out = torch.empty_like(q)  # [total_T, Hq, D]
+    strides = [0, q.stride(0), q.stride(1), 0, k.stride(0), k.stride(1),
+               0, v.stride(0), v.stride(1), 0, out.stride(0), out.stride(1)]
+    batch = cu_seqlens_q.shape[0] - 1
+    return _launch(q, k, v, out, cu_seqlens_q, cu_seqlens_k, strides, 0, 0, batch, q.shape[1], k.shape[1],
+                   max_seqlen_q, scale, causal, True)
