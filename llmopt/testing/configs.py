@@ -10,12 +10,13 @@ exports with `torch.export` (strict=False, dynamic batch and token dims) and the
 matches the eager model; tests/test_configs.py checks this. Choices left out, and why:
 - RoPE "dynamic": recomputes frequencies when max(position_ids) exceeds the cached length, a
   data-dependent branch that torch.export refuses (GuardOnDataDependentSymNode).
-- RoPE "longrope" (long-context Phi-3): exports without complaint but bakes in the short/long factor
-  chosen for the example length, so longer inputs give wrong logits. Static scalings ("linear",
-  "llama3", "yarn") are drawn instead.
-- Mistral and Qwen2 sliding windows: a window shorter than the inputs exports and matches, but it
-  makes the attention mask banded; kept off (`sliding_window=None`) so every family has plain causal
-  attention.
+- RoPE "longrope" (long-context Phi-3): the exported program is right, but tracing caches a
+  FakeTensor as `rotary_emb.long_inv_freq` on the eager module, which then gives wrong logits for
+  inputs longer than `original_max_position_embeddings`. Static scalings ("linear", "llama3",
+  "yarn") are drawn instead.
+- Mistral and Qwen2 sliding windows: a Mistral window shorter than the inputs exports and matches,
+  but makes the attention mask banded; kept off (`sliding_window=None`) so every family has plain
+  causal attention.
 - OPT: `word_embed_proj_dim == hidden_size` and pre-norm layers; the OPT-350m layout (projections
   around the embedding, post-norm) also exports, but is the one checkpoint that differs.
 """
