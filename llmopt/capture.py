@@ -73,6 +73,7 @@ def capture(model: torch.nn.Module, example_inputs=None) -> Program:
     config = model.config.to_dict() if hasattr(model, "config") else {}
     program = Program(gm, config=config, max_seq_len=max_len)
     _canonicalize_conv1d(program)
+    _remove_identities(program)
     program.recompile()
     program.verify()
     return program
@@ -143,7 +144,7 @@ def _to_graph_module(exported) -> GraphModule:
                 tensor = state[spec.target]
                 root.register_buffer(attr, tensor.detach() if isinstance(tensor, torch.Tensor) else tensor)
                 new = graph.get_attr(attr)
-                new.meta["weight_name"] = spec.target.removeprefix("model.")
+                new.meta["weight_name"] = _weight_name(spec.target)
             new.meta.update({k: v for k, v in node.meta.items() if k == "val"})
             env[node] = new
         elif node.op == "call_function" and node.target in _DROPPED_TARGETS:
@@ -155,7 +156,12 @@ def _to_graph_module(exported) -> GraphModule:
 
 
 def _attr_name(target: str) -> str:
-    return re.sub(r"[^0-9a-zA-Z_]", "_", target.removeprefix("model."))
+    return re.sub(r"[^0-9a-zA-Z_]", "_", _weight_name(target))
+
+
+def _weight_name(target: str) -> str:
+    """The model's own parameter name: without the capture wrapper's and peft's prefixes."""
+    return target.removeprefix("model.").removeprefix("base_model.model.").replace(".base_layer.", ".")
 
 
 def _canonicalize_conv1d(program: Program):
@@ -189,3 +195,13 @@ def _unshare_weights(gm: GraphModule):
                 copy = gm.graph.get_attr(alias)
             copy.meta.update(node.meta)
             user.replace_input_with(node, copy)
+
+
+def _remove_identities(program: Program):
+    """Inference-time no-ops (dropout with train=False, alias) are replaced by their input."""
+    aten = torch.ops.aten
+    for node in list(program.graph.nodes):
+        is_eval_dropout = node.target == aten.dropout.default and (len(node.args) < 3 or node.args[2] is False)
+        if node.op == "call_function" and (is_eval_dropout or node.target == aten.alias.default):
+            node.replace_all_uses_with(node.args[0])
+            program.graph.erase_node(node)

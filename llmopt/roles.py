@@ -16,6 +16,8 @@ from typing import Optional
 import torch
 from torch.fx import Node
 
+import llmopt.ops  # noqa: F401  (registers torch.ops.llmopt.*)
+
 aten = torch.ops.aten
 
 CAST_OPS = {

@@ -1,0 +1,73 @@
+"""`CompiledModel`: what `llmopt.compile` returns. Called like the model, generates, reports.
+
+Entry point: `CompiledModel(program, report, backend)`; `cm(input_ids) -> logits [B, T, V]`,
+`cm.generate(input_ids, max_new_tokens, ...)`, `cm.program`, `cm.report()`.
+"""
+import torch
+
+from llmopt.errors import LlmoptError
+
+
+class CompiledModel:
+    def __init__(self, program, pass_records, backend: str, bytes_before: int, runner=None):
+        self.program = program
+        self.pass_records = pass_records
+        self.backend = backend
+        self.bytes_before = bytes_before
+        self._runner = runner or program.run
+
+    def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor = None) -> torch.Tensor:
+        """input_ids: [B, T] -> logits [B, T, V]."""
+        input_ids = _as_batch(input_ids, self.program.device)
+        if input_ids.shape[-1] > self.program.max_seq_len:
+            raise LlmoptError(
+                f"the prompt has {input_ids.shape[-1]} tokens but the model's context is {self.program.max_seq_len}: "
+                "truncate it (input_ids[:, -max_len:]) or use a model with a longer context"
+            )
+        return self._runner(input_ids, position_ids)
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: int = None, top_p: float = None, eos_token_id=None, generator: torch.Generator = None) -> torch.Tensor:
+        """input_ids: [B, T] -> [B, T + n] with n <= max_new_tokens (greedy unless do_sample)."""
+        from llmopt.sampling import sample_next
+
+        ids = _as_batch(input_ids, self.program.device)
+        if ids.shape[-1] + max_new_tokens > self.program.max_seq_len:
+            raise LlmoptError(
+                f"prompt ({ids.shape[-1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context of "
+                f"{self.program.max_seq_len} tokens: shorten the prompt or ask for fewer tokens"
+            )
+        eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+        finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        for _ in range(max_new_tokens):
+            logits = self(ids)[:, -1, :]  # [B, V]
+            nxt = sample_next(logits, do_sample, temperature, top_k, top_p, generator)  # [B]
+            if eos:
+                pad = next(iter(eos))
+                nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
+                finished |= torch.isin(nxt, torch.tensor(sorted(eos), device=nxt.device))
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+            if eos and bool(finished.all()):
+                break
+        return ids
+
+    def report(self) -> str:
+        """Passes run (time and stats of each) and parameter bytes before and after."""
+        lines = [f"llmopt compiled model (backend: {self.backend})", "", "| pass | seconds | changed | stats |", "| --- | --- | --- | --- |"]
+        for r in self.pass_records:
+            stats = ", ".join(f"{k}={v}" for k, v in r.stats.items())
+            lines.append(f"| {r.name} | {r.seconds:.3f} | {r.changed} | {stats} |")
+        after = self.program.parameter_bytes()
+        lines += ["", f"parameter bytes: {self.bytes_before / 1e6:.2f} MB before, {after / 1e6:.2f} MB after ({after / max(self.bytes_before, 1):.2%})"]
+        return "\n".join(lines)
+
+
+def _as_batch(input_ids, device) -> torch.Tensor:
+    if not isinstance(input_ids, torch.Tensor):
+        input_ids = torch.tensor(input_ids)
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+        raise LlmoptError(f"input_ids must be integer token ids [B, T]; got {input_ids.dtype} {list(input_ids.shape)}")
+    return input_ids.to(device=device, dtype=torch.long)

@@ -1,0 +1,78 @@
+"""Runs a flat list of passes over a Program: verify at entry and after each pass, time and stats per
+pass, and in debug mode an equivalence check of each exact pass that names the first one that breaks.
+
+Entry point: `PassManager(passes, debug=False).run(program, calibration=None) -> Program`;
+`manager.report` holds one `PassRecord` per pass.
+"""
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from llmopt.errors import EquivalenceError, PassError
+
+
+@dataclass
+class PassRecord:
+    name: str
+    seconds: float
+    changed: bool
+    stats: dict = field(default_factory=dict)
+
+
+class PassManager:
+    def __init__(self, passes, debug: bool = False, debug_inputs: torch.Tensor = None, tolerance: float = None):
+        self.passes = list(passes)
+        self.debug = debug
+        self.debug_inputs = debug_inputs
+        self.tolerance = tolerance
+        self.report = []
+
+    def run(self, program, calibration=None):
+        _check_pass_list(self.passes, program, calibration)
+        program.verify()
+        for p in self.passes:
+            p.check(program, calibration)  # refuse before anything changes
+            before = program.copy() if self.debug and p.exact else None
+            start = time.perf_counter()
+            result = p(program, calibration)
+            seconds = time.perf_counter() - start
+            program = result.program
+            program.verify()
+            if before is not None:
+                self._check_equivalent(p, before, program)
+            self.report.append(PassRecord(p.name, seconds, result.changed, dict(result.stats)))
+        return program
+
+    def _check_equivalent(self, p, before, after):
+        from llmopt.testing.equivalence import compare_programs
+
+        ids = self.debug_inputs
+        if ids is None:
+            vocab = after.get_weight(after.embeddings()[0].weight).shape[0]
+            ids = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0)).to(after.device)
+        tol = self.tolerance if self.tolerance is not None else (1e-4 if after.dtype_ == torch.float32 else 2e-2)
+        mismatch = compare_programs(before, after, ids, rtol=tol, atol=tol)
+        if mismatch is not None:
+            raise EquivalenceError(f"exact pass {p.name} changed the model's function: {mismatch}")
+
+
+def _check_pass_list(passes, program, calibration):
+    """Refuse an impossible list before any pass runs: non-passes, missing calibration, a pass whose
+    required pass is neither applied already nor earlier in the list, a once-only pass twice."""
+    from llmopt.passes_api import Pass
+
+    applied = [step["pass"] for step in program.recipe]
+    for i, p in enumerate(passes):
+        if not isinstance(p, Pass):
+            raise PassError(f"pass #{i} is {p!r}, not an llmopt Pass: build it, e.g. Smooth(alpha=0.5), not Smooth")
+        if p.needs_calibration and calibration is None:
+            raise PassError(f"{p.name} needs calibration data: pass calibration=<LongTensor [N, T] of token ids> (see llmopt.data.calibration_batches)")
+        for needed in p.requires:
+            if needed not in applied:
+                later = [q.name for q in passes[i + 1 :]]
+                hint = f"move {needed} before {p.name}" if needed in later else f"add {needed}(...) before {p.name}"
+                raise PassError(f"{p.name} needs {needed} to run before it: {hint} in the pass list")
+        if p.once and p.name in applied:
+            raise PassError(f"{p.name} appears twice (or was already applied); applying it twice would compound its changes")
+        applied.append(p.name)

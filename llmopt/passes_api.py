@@ -1,0 +1,62 @@
+"""The pass interface: `Pass`, `PassResult`, and what a pass may ask for.
+
+Entry point: subclass `Pass` and implement `apply(program, calibration) -> PassResult`.
+
+A pass declares
+- `exact`: whether it keeps the function (the pass manager's debug mode checks it),
+- `needs_calibration`: the pass manager refuses to run it without a calibration set,
+- `requires`: names of passes that must have run before it (`Program.recipe` records what ran),
+- `once`: whether applying it twice is an error,
+and gets `check(program, calibration)` called before anything changes, to refuse with a `PassError`
+that names the pass, the node and the fix.
+"""
+from dataclasses import dataclass, field
+
+from llmopt.errors import PassError
+
+
+@dataclass
+class PassResult:
+    program: object  # the Program after the pass
+    changed: bool
+    stats: dict = field(default_factory=dict)  # named counters, e.g. {"lora_merged": 14}
+
+
+class Pass:
+    """Base class of every pass; see the module docstring."""
+
+    exact: bool = True
+    needs_calibration: bool = False
+    requires: tuple = ()
+    once: bool = False
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def options(self) -> dict:
+        """The pass's options, as recorded in the Program's recipe (and saved with it)."""
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+    def check(self, program, calibration) -> None:
+        """Refuse before anything changes: missing calibration, missing earlier pass, applied twice."""
+        if self.needs_calibration and calibration is None:
+            raise PassError(f"{self.name} needs calibration data: pass calibration=<LongTensor [N, T] of token ids> (see llmopt.data.calibration_batches)")
+        for needed in self.requires:
+            if not program.applied(needed):
+                raise PassError(f"{self.name} needs {needed} to run before it: put {needed}(...) earlier in the pass list")
+        if self.once and program.applied(self.name):
+            raise PassError(f"{self.name} was already applied to this Program; applying it twice would compound its changes")
+
+    def apply(self, program, calibration) -> PassResult:
+        raise NotImplementedError
+
+    def __call__(self, program, calibration=None) -> PassResult:
+        self.check(program, calibration)
+        result = self.apply(program, calibration)
+        result.program.recipe.append({"pass": self.name, "options": self.options()})
+        return result
+
+    def __repr__(self):
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+        return f"{self.name}({opts})"
