@@ -23,7 +23,7 @@ _SPLIT_GRANULE = 256  # split lengths are multiples of this many tokens (and so 
 def _configs():
     if triton.knobs.runtime.interpret:
         return [triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    shapes = [(64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 2), (128, 8, 3), (32, 4, 4)]
+    shapes = [(64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 2), (128, 8, 3), (32, 4, 4)]  # (BLOCK_N, warps, stages)
     return [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n, w, s in shapes]
 
 

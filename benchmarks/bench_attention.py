@@ -1,0 +1,136 @@
+"""Benchmark of the attention and norm kernels against PyTorch, on one CUDA GPU.
+
+Entry point: `run(ceilings) -> list[dict]` (one row per case; `ceilings` from
+`benchmarks.common.measure_ceilings()`); `python -m benchmarks.bench_attention` measures the ceilings and
+prints three tables:
+- prefill: causal attention, head dim 128, bf16, 32 heads, ~16k tokens per batch, against
+  `scaled_dot_product_attention` on its fastest backend (flash or cuDNN); causal FLOPs = 2*2*B*H*T*T*D/2;
+- decode: paged attention, GQA 32/8 heads, D=128, bf16, block size 16, every sequence at the full
+  context; bytes = the K and V rows read (B*ctx*Hkv*D*2 tensors*2 bytes), against the measured copy
+  bandwidth; for context, SDPA decoding over a contiguous (unpaged) cache;
+- norm: residual add + RMSNorm (+ int8 quant), K=4096, bf16, against eager PyTorch; bytes = x and
+  residual read, h and y written (+ q and the scales), the weight once.
+"""
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from benchmarks.common import header, measure_ceilings, print_table, time_ms
+from llmopt.codegen.kernels.flash_attention import flash_attention
+from llmopt.codegen.kernels.paged_attention import paged_attention
+from llmopt.codegen.kernels.rmsnorm import residual_rmsnorm, residual_rmsnorm_torch
+from llmopt.ops import quantize_per_token
+
+HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 16
+
+
+def _rel_err(out, ref) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def _best_sdpa(q, k, v, **kwargs):
+    """(ms, backend name) of SDPA's fastest backend among flash and cuDNN on these inputs."""
+    best = (float("inf"), "none")
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION):
+        def call(backend=backend):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, **kwargs)
+        try:
+            call()
+        except RuntimeError as e:  # this backend does not take these inputs
+            print(f"sdpa {backend.name}: unavailable ({str(e).splitlines()[0][:80]})")
+            continue
+        best = min(best, (time_ms(call), backend.name.lower()))
+    return best
+
+
+def bench_prefill(ceilings) -> list:
+    rows = []
+    for seq in (1024, 2048, 4096, 8192, 16384):
+        batch = max(1, 16384 // seq)
+        q, k, v = (torch.randn(batch, HEADS, seq, HEAD_DIM, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        scale = HEAD_DIM**-0.5
+        flops = 4 * batch * HEADS * seq * seq * HEAD_DIM / 2
+        ours = time_ms(lambda: flash_attention(q, k, v, scale, True))
+        sdpa_ms, backend = _best_sdpa(q, k, v, is_causal=True, scale=scale)
+        ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        rows.append({
+            "case": f"B={batch} T={seq}", "ms": ours, "TFLOP/s": flops / ours / 1e9,
+            "sdpa ms": sdpa_ms, "sdpa TFLOP/s": flops / sdpa_ms / 1e9, "sdpa backend": backend,
+            "speedup": sdpa_ms / ours, "% of matmul": 100 * flops / ours / 1e9 / ceilings["bf16_tflops"],
+            "rel err": _rel_err(flash_attention(q, k, v, scale, True), ref),
+        })
+        del q, k, v, ref
+    return rows
+
+
+def bench_decode(ceilings) -> list:
+    rows = []
+    for ctx in (4096, 8192, 32768):
+        for batch in (16, 32, 64):
+            blocks = ctx // PAGE
+            k_cache = torch.randn(batch * blocks, PAGE, KV_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+            v_cache = torch.randn_like(k_cache)
+            block_tables = torch.randperm(batch * blocks, device="cuda", dtype=torch.int32).reshape(batch, blocks)
+            seq_lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
+            q = torch.randn(batch, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+            scale = HEAD_DIM**-0.5
+            n_bytes = 2 * batch * ctx * KV_HEADS * HEAD_DIM * k_cache.element_size()
+            ours = time_ms(lambda: paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale))
+            out = paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale)  # [B, Hq, D]
+            # the same cache laid out contiguously, [B, Hkv, ctx, D], for SDPA
+            k_flat, v_flat = (c[block_tables.long()].reshape(batch, ctx, KV_HEADS, HEAD_DIM).transpose(1, 2).contiguous()
+                              for c in (k_cache, v_cache))
+            del k_cache, v_cache
+            sdpa = lambda: F.scaled_dot_product_attention(q[:, :, None], k_flat, v_flat, scale=scale, enable_gqa=True)
+            sdpa_ms = time_ms(sdpa)
+            rows.append({
+                "case": f"B={batch} ctx={ctx}", "ms": ours, "GB/s": n_bytes / ours / 1e6,
+                "% of copy": 100 * n_bytes / ours / 1e6 / ceilings["bandwidth_gbs"],
+                "sdpa (unpaged) GB/s": n_bytes / sdpa_ms / 1e6, "rel err": _rel_err(out, sdpa()[:, :, 0]),
+            })
+            del k_flat, v_flat
+    return rows
+
+
+def bench_norm(ceilings) -> list:
+    rows, k = [], 4096
+    for m in (4096, 8192, 16384):
+        x, residual = (torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        weight = torch.randn(k, device="cuda", dtype=torch.bfloat16)
+        for quantize in (False, True):
+            n_bytes = 4 * m * k * 2 + k * 2 + (m * k + m * 4 if quantize else 0)
+            ours = time_ms(lambda: residual_rmsnorm(x, residual, weight, 1e-6, quantize=quantize))
+            if quantize:
+                eager = time_ms(lambda: quantize_per_token(residual_rmsnorm_torch(x, residual, weight, 1e-6)[0]))
+            else:
+                eager = time_ms(lambda: residual_rmsnorm_torch(x, residual, weight, 1e-6))
+            y = residual_rmsnorm(x, residual, weight, 1e-6, quantize=quantize).y
+            rows.append({
+                "case": f"M={m} K={k}" + (" +quant" if quantize else ""), "ms": ours, "GB/s": n_bytes / ours / 1e6,
+                "% of copy": 100 * n_bytes / ours / 1e6 / ceilings["bandwidth_gbs"],
+                "eager ms": eager, "speedup": eager / ours,
+                "rel err": _rel_err(y, residual_rmsnorm_torch(x, residual, weight, 1e-6)[0]),
+            })
+        del x, residual
+    return rows
+
+
+def run(ceilings) -> list:
+    """Every case, each row tagged with its table ("prefill", "decode", "norm")."""
+    rows = []
+    for table, bench in (("prefill", bench_prefill), ("decode", bench_decode), ("norm", bench_norm)):
+        rows += [{"table": table, **row} for row in bench(ceilings)]
+        torch.cuda.empty_cache()
+    return rows
+
+
+if __name__ == "__main__":
+    ceilings = measure_ceilings()
+    print(header(ceilings), flush=True)
+    rows = run(ceilings)
+    for table, title in (("prefill", "prefill attention, causal, D=128, bf16, 32 heads (ours vs best SDPA)"),
+                         ("decode", "paged decode attention, 32 q / 8 kv heads, D=128, bf16, block 16"),
+                         ("norm", "residual add + RMSNorm (+ int8 per-token quant), bf16")):
+        part = [r for r in rows if r["table"] == table]
+        print_table(title, [c for c in part[0] if c != "table"], part)
