@@ -1,0 +1,133 @@
+"""AWQ (Lin et al. 2023, "Activation-aware Weight Quantization"): the two searches, on plain tensors.
+
+Entry points:
+- `search_awq_scales(x, weights, bits, group_size)` -> `AwqScales(scales [K], alpha, errors [grid + 1])`: the
+  per-input-channel scale s = mean|x|^alpha (normalized by sqrt(max s · min s), as AutoAWQ does) that
+  minimizes the output error of the linears sharing input x when each W is quantized as Q(W·s)/s.
+  alpha = 0 gives s = 1, i.e. plain RTN, and is always on the grid, so the search is never worse
+  than RTN on its own objective.
+- `search_awq_clip(x, w, bits, group_size)` -> clip ratios [N, K // G] for `quantize_groups`: per
+  group, the shrink of max|w| that minimizes that group's share of the output error (AutoAWQ's
+  `_compute_best_clip`); ratio 1 (no clip) is always on the grid.
+The graph pass folds s into the preceding op (W·s here, x/s there), searches the clip on the scaled
+weight, then calls `quantize_groups(w * s, bits, group_size, clip_ratio=clip)`.
+
+Output errors are evaluated as ΔW·xᵀ with ΔW = Q(W·s)/s - W, because Q(W·s)·(x/s) - W·x = ΔW·x.
+When K <= n_tokens the error is computed through the Gram matrix H = xᵀx (‖ΔW xᵀ‖² = Σ (ΔW H) ⊙ ΔW),
+which costs N·K² instead of N·K·n per candidate. All candidates of a grid are evaluated in one
+batched pass, chunked over output rows so temporaries stay under `calib.CHUNK_ELEMENTS` floats.
+"""
+from typing import NamedTuple, Sequence
+
+import torch
+
+from llmopt.passes.compress.calib import calibration_rows, channel_abs_mean, rows_per_chunk
+from llmopt.passes.compress.rtn import check_quantizable, fake_quant
+
+MAX_TOKENS = 4096  # calibration rows kept per search (evenly spaced subsample)
+
+
+class AwqScales(NamedTuple):
+    """Result of `search_awq_scales`; unpacks as `scales, alpha, errors = ...`."""
+
+    scales: torch.Tensor  # [K] fp32, on the weights' device: quantize W·s, feed x/s
+    alpha: float  # the chosen exponent
+    errors: torch.Tensor  # [grid + 1] fp32 (CPU): mean squared output error at alpha = i / grid
+
+
+def search_awq_scales(
+    x: torch.Tensor,  # [n, K] calibration inputs of the linears
+    weights: Sequence[torch.Tensor],  # [N_i, K] each: the linears that read x
+    bits: int,
+    group_size: int,
+    grid: int = 20,
+    symmetric: bool = False,
+    max_tokens: int = MAX_TOKENS,
+) -> AwqScales:
+    """Grid search over alpha in {0, 1/grid, ..., 1} of s = mean|x|^alpha (see module docstring)."""
+    if not weights:
+        raise ValueError("search_awq_scales: no weights given; pass the linears that read x")
+    if grid < 1:
+        raise ValueError(f"search_awq_scales: grid={grid} must be >= 1")
+    k, device = weights[0].shape[-1], weights[0].device
+    for w in weights:
+        if w.dim() != 2 or w.shape[1] != k:
+            raise ValueError(f"search_awq_scales: every weight must be [N_i, K={k}], got {tuple(w.shape)}")
+        check_quantizable(w, bits, group_size, None, "search_awq_scales")
+    x_mean = channel_abs_mean(x, k, device)  # [K], over all tokens
+    xs = calibration_rows(x, k, max_tokens, device, "search_awq_scales")  # [n, K]
+    alphas = torch.arange(grid + 1, dtype=torch.float32) / grid  # [A]
+    scales = x_mean.unsqueeze(0).pow(alphas.to(device).unsqueeze(1)).clamp_min(1e-4)  # [A, K]
+    scales = scales / (scales.amax(dim=1, keepdim=True) * scales.amin(dim=1, keepdim=True)).sqrt()
+    gram = xs.t() @ xs if k <= xs.shape[0] else None  # [K, K] when cheaper than using xs directly
+    errors = torch.zeros(len(alphas), dtype=torch.float64, device=device)  # [A]
+    for w in weights:
+        errors += _scaled_quant_error(w.float(), scales, xs, gram, bits, group_size, symmetric)
+    errors = (errors / (xs.shape[0] * sum(w.shape[0] for w in weights))).float().cpu()
+    if not bool(torch.isfinite(errors).all()):
+        raise ValueError("search_awq_scales: the output error is not finite; inputs too large for fp32?")
+    best = int(errors.argmin())  # first minimum: ties go to the smaller alpha (alpha = 0 is RTN)
+    return AwqScales(scales=scales[best].clone(), alpha=float(alphas[best]), errors=errors)
+
+
+def search_awq_clip(
+    x: torch.Tensor,  # [n, K] calibration inputs
+    w: torch.Tensor,  # [N, K] (already scaled by the AWQ s, when AWQ scales are used)
+    bits: int,
+    group_size: int,
+    n_grid: int = 20,
+    max_shrink: float = 0.5,
+    symmetric: bool = False,
+    max_tokens: int = MAX_TOKENS,
+) -> torch.Tensor:
+    """-> clip ratios [N, K // G] fp32 in {1, 1 - 1/n_grid, ...} (> 1 - max_shrink), for `quantize_groups`."""
+    if w.dim() != 2:
+        raise ValueError(f"search_awq_clip: weight must be 2-D [N, K], got shape {tuple(w.shape)}")
+    check_quantizable(w, bits, group_size, None, "search_awq_clip")
+    if n_grid < 1 or not 0.0 <= max_shrink < 1.0:
+        raise ValueError(f"search_awq_clip: need n_grid >= 1 and 0 <= max_shrink < 1 (got {n_grid}, {max_shrink})")
+    n_out, k = w.shape
+    ng = k // group_size
+    xs = calibration_rows(x, k, max_tokens, w.device, "search_awq_clip")  # [n, K]
+    xg = xs.reshape(-1, ng, group_size).transpose(0, 1)  # [ng, n, G]
+    gram = xg.transpose(1, 2) @ xg  # [ng, G, G]: per-group Gram blocks
+    n_ratios = max(1, int(max_shrink * n_grid))
+    ratios = 1.0 - torch.arange(n_ratios, dtype=torch.float32, device=w.device) / n_grid  # [R]
+    clip = torch.empty(n_out, ng, dtype=torch.float32, device=w.device)
+    step = rows_per_chunk(n_ratios * k, w.device)
+    for r0 in range(0, n_out, step):
+        wc = w[r0 : r0 + step].float().reshape(-1, ng, group_size)  # [c, ng, G]
+        c = wc.shape[0]
+        ratio = ratios.reshape(-1, 1, 1).expand(n_ratios, c, ng)  # [R, c, ng]
+        dq = fake_quant(wc.unsqueeze(0).expand(n_ratios, -1, -1, -1), bits, symmetric, ratio).sub_(wc)  # [R, c, ng, G]
+        t = dq.permute(2, 0, 1, 3).reshape(ng, n_ratios * c, group_size)  # [ng, R·c, G]
+        err = (t @ gram).mul_(t).sum(dim=-1).reshape(ng, n_ratios, c)  # [ng, R, c]
+        clip[r0 : r0 + c] = ratios[err.argmin(dim=1)].t()  # first minimum: ties keep ratio 1
+    return clip
+
+
+def _scaled_quant_error(
+    w: torch.Tensor,  # [N, K] fp32
+    scales: torch.Tensor,  # [A, K] candidate scales
+    xs: torch.Tensor,  # [n, K]
+    gram,  # [K, K] or None
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+) -> torch.Tensor:
+    """-> [A] fp64: ‖(Q(W·s_a)/s_a - W)·xᵀ‖² for every candidate a."""
+    n_cand, k = scales.shape
+    ng = k // group_size
+    cols = k if gram is not None else xs.shape[0]
+    errors = torch.zeros(n_cand, dtype=torch.float64, device=w.device)
+    step = rows_per_chunk(n_cand * max(k, cols), w.device)
+    s = scales.unsqueeze(1)  # [A, 1, K]
+    for r0 in range(0, w.shape[0], step):
+        wc = w[r0 : r0 + step]  # [c, K]
+        ws = (wc.unsqueeze(0) * s).reshape(n_cand, -1, ng, group_size)  # [A, c, ng, G]
+        dw = fake_quant(ws, bits, symmetric, None).reshape(n_cand, -1, k).div_(s).sub_(wc)  # [A, c, K]
+        if gram is not None:
+            errors += (dw @ gram).mul_(dw).sum(dim=(1, 2)).double()
+        else:
+            errors += (dw @ xs.t()).square_().sum(dim=(1, 2)).double()
+    return errors

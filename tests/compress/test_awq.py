@@ -1,0 +1,166 @@
+"""Tests of `llmopt.passes.compress.awq`: the AWQ scale and clip searches against direct error sums."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llmopt.passes.compress import calib, fake_quantize_groups, search_awq_clip, search_awq_scales
+
+
+def _output_error(x, w, w_hat) -> float:
+    """‖x·(Ŵ - W)ᵀ‖² in fp64: the quantity both searches minimize, computed the direct way."""
+    return float((x.double() @ (w_hat.double() - w.double()).t()).pow(2).sum())
+
+
+def _awq_error(x, weights, s, bits, group_size) -> float:
+    """Σ_i ‖Q(W_i·s)·(x/s)ᵀ - W_i·xᵀ‖², evaluated literally as the paper writes it."""
+    total = 0.0
+    for w in weights:
+        q = fake_quantize_groups(w * s, bits, group_size)
+        total += float(((x / s).double() @ q.double().t() - x.double() @ w.double().t()).pow(2).sum())
+    return total
+
+
+def _outlier_case(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(512, 128, generator=g)
+    x[:, [3, 40, 77, 100]] *= 30  # outlier input channels, as in large LLMs
+    return x, [torch.randn(64, 128, generator=g), torch.randn(32, 128, generator=g)]
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    n_tokens=st.integers(8, 200),  # both below and above K: the direct and the Gram error paths
+    n_groups=st.integers(1, 4),
+    group_size=st.sampled_from([16, 32]),
+    outs=st.lists(st.integers(4, 24), min_size=1, max_size=3),
+    bits=st.sampled_from([3, 4, 8]),
+    symmetric=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_scale_search_never_worse_than_rtn(n_tokens, n_groups, group_size, outs, bits, symmetric, seed):
+    g = torch.Generator().manual_seed(seed)
+    k = n_groups * group_size
+    x = torch.randn(n_tokens, k, generator=g) * torch.rand(k, generator=g) * 3  # uneven channels
+    weights = [torch.randn(n, k, generator=g) for n in outs]
+    scales, alpha, errors = search_awq_scales(x, weights, bits, group_size, grid=5, symmetric=symmetric)
+    assert errors.shape == (6,) and bool(torch.isfinite(errors).all())
+    assert scales.shape == (k,) and bool((scales > 0).all()) and bool(torch.isfinite(scales).all())
+    assert alpha == pytest.approx(int(errors.argmin()) / 5)
+    assert float(errors.min()) <= float(errors[0])
+    # alpha = 0 is RTN; errors are mean squared output errors over the n·ΣN outputs
+    count = n_tokens * sum(outs)
+    rtn = sum(_output_error(x, w, fake_quantize_groups(w, bits, group_size, symmetric)) for w in weights)
+    assert float(errors[0]) * count == pytest.approx(rtn, rel=1e-3, abs=1e-6)
+    # the returned scales achieve the reported error, evaluated literally, never above RTN
+    chosen = sum(
+        _output_error(x, w, fake_quantize_groups(w * scales, bits, group_size, symmetric) / scales) for w in weights
+    )
+    assert float(errors.min()) * count == pytest.approx(chosen, rel=1e-3, abs=1e-6)
+    assert chosen <= rtn * (1 + 1e-3) + 1e-6
+
+
+def test_scale_search_strictly_better_with_outlier_channels():
+    x, weights = _outlier_case()
+    scales, alpha, errors = search_awq_scales(x, weights, 4, 32)
+    assert alpha > 0
+    rtn = _awq_error(x, weights, torch.ones(128), 4, 32)
+    awq = _awq_error(x, weights, scales, 4, 32)
+    assert awq < 0.5 * rtn, (awq, rtn)  # measured: about 0.18 of the RTN error
+    assert float(errors.min()) < 0.5 * float(errors[0])
+    # outlier channels get the largest scales (their weights are protected)
+    assert set(scales.topk(4).indices.tolist()) == {3, 40, 77, 100}
+
+
+def test_scale_search_normalization_matches_autoawq():
+    x, weights = _outlier_case()
+    scales, alpha, _ = search_awq_scales(x, weights, 4, 32)
+    s = x.abs().mean(0).pow(alpha).clamp_min(1e-4)
+    torch.testing.assert_close(scales, s / (s.max() * s.min()).sqrt(), rtol=1e-5, atol=0)
+
+
+def test_scale_search_chunked_equals_unchunked(monkeypatch):
+    x, weights = _outlier_case()
+    whole = search_awq_scales(x, weights, 4, 32)
+    monkeypatch.setitem(calib.CHUNK_ELEMENTS, "cpu", 30000)  # about 11 rows per chunk
+    chunked = search_awq_scales(x, weights, 4, 32)
+    torch.testing.assert_close(chunked.errors, whole.errors, rtol=1e-5, atol=0)
+    assert chunked.alpha == whole.alpha
+
+
+def _group_errors(x, w, w_hat, group_size):
+    """[N, ng]: Σ_t (x_t,g · (ŵ_n,g - w_n,g))², each group's share of the output error (fp64)."""
+    n, k = w.shape
+    xg = x.double().reshape(-1, k // group_size, group_size)  # [T, ng, G]
+    d = (w_hat.double() - w.double()).reshape(n, k // group_size, group_size)  # [N, ng, G]
+    return torch.einsum("tgi,ngi->tng", xg, d).pow(2).sum(0)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    n_tokens=st.integers(4, 150),
+    n_out=st.integers(1, 20),
+    n_groups=st.integers(1, 3),
+    group_size=st.sampled_from([16, 32]),
+    bits=st.sampled_from([3, 4, 8]),
+    symmetric=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_clip_search_never_increases_group_error(n_tokens, n_out, n_groups, group_size, bits, symmetric, seed):
+    g = torch.Generator().manual_seed(seed)
+    k = n_groups * group_size
+    x = torch.randn(n_tokens, k, generator=g)
+    w = torch.randn(n_out, k, generator=g) * torch.randn(n_out, k, generator=g).exp()  # heavy tails
+    clip = search_awq_clip(x, w, bits, group_size, symmetric=symmetric)
+    assert clip.shape == (n_out, n_groups)
+    grid = 1 - torch.arange(10) / 20  # 1, 0.95, ..., 0.55
+    assert bool(torch.isclose(clip.unsqueeze(-1), grid).any(-1).all())
+    clipped = _group_errors(x, w, fake_quantize_groups(w, bits, group_size, symmetric, clip_ratio=clip), group_size)
+    plain = _group_errors(x, w, fake_quantize_groups(w, bits, group_size, symmetric), group_size)
+    scale = float(plain.max()) + 1e-12
+    assert bool((clipped <= plain + 1e-4 * scale).all()), float((clipped - plain).max() / scale)
+
+
+def test_clip_search_lowers_output_error_on_heavy_tailed_weights():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 128, generator=g)
+    w = torch.randn(64, 128, generator=g) * torch.randn(64, 128, generator=g).exp()
+    clip = search_awq_clip(x, w, 4, 32)
+    assert bool((clip < 1).any())
+    clipped = _output_error(x, w, fake_quantize_groups(w, 4, 32, clip_ratio=clip))
+    plain = _output_error(x, w, fake_quantize_groups(w, 4, 32))
+    assert clipped < 0.99 * plain, (clipped, plain)  # measured: about 0.975
+
+
+def test_clip_search_chunked_equals_unchunked(monkeypatch):
+    x, weights = _outlier_case()
+    whole = search_awq_clip(x, weights[0], 4, 32)
+    monkeypatch.setitem(calib.CHUNK_ELEMENTS, "cpu", 30000)  # 23 rows per chunk
+    assert torch.equal(search_awq_clip(x, weights[0], 4, 32), whole)
+
+
+def test_clip_search_without_shrink_keeps_everything():
+    x, weights = _outlier_case()
+    assert bool((search_awq_clip(x, weights[0], 4, 32, max_shrink=0.0) == 1).all())
+
+
+def test_bad_inputs_raise():
+    x, weights = _outlier_case()
+    with pytest.raises(ValueError, match="no weights"):
+        search_awq_scales(x, [], 4, 32)
+    with pytest.raises(ValueError, match="every weight must be"):
+        search_awq_scales(x, [weights[0], torch.randn(8, 64)], 4, 32)
+    with pytest.raises(ValueError, match="64 channels, the weights expect K=128"):
+        search_awq_scales(x[:, :64], weights, 4, 32)
+    with pytest.raises(ValueError, match="does not divide"):
+        search_awq_scales(x, weights, 4, 48)
+    with pytest.raises(ValueError, match="grid=0"):
+        search_awq_scales(x, weights, 4, 32, grid=0)
+    with pytest.raises(ValueError, match="max_shrink"):
+        search_awq_clip(x, weights[0], 4, 32, max_shrink=1.0)
+    with pytest.raises(ValueError, match="2-D"):
+        search_awq_clip(x, weights[0][0], 4, 32)
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        search_awq_clip(bad, weights[0], 4, 32)
