@@ -7,3 +7,6 @@ from llmopt.passes.merge_lora import MergeLoRA
 from llmopt.passes.smooth import Smooth
 
 __all__ = ["ConstantFolding", "DeadCodeElimination", "MergeLoRA", "Smooth"]
+from llmopt.passes.fuse_attention import FuseAttention  # noqa: E402
+
+__all__ += ["FuseAttention"]
