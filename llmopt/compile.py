@@ -39,8 +39,11 @@ def _pick_backend(backend: str, program) -> str:
     cuda_program = program.device.type == "cuda"
     if backend == "auto":
         return "triton" if cuda_program and _has_triton_codegen() else "torch"
-    if backend == "triton" and not cuda_program:
-        raise LlmoptError("backend='triton' needs the model on a CUDA GPU: move it with model.to('cuda') first, or use backend='torch'")
+    if backend == "triton" and not cuda_program and not _triton_interpreter():
+        raise LlmoptError(
+            "backend='triton' needs the model on a CUDA GPU: move it with model.to('cuda') first, use backend='torch', "
+            "or set TRITON_INTERPRET=1 to run the kernels on the CPU (slow; for tests)"
+        )
     return backend
 
 
@@ -50,3 +53,9 @@ def _has_triton_codegen() -> bool:
     except ImportError:
         return False
     return torch.cuda.is_available()
+
+
+def _triton_interpreter() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

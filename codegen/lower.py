@@ -1,0 +1,101 @@
+"""Lower a Program to Triton: templates for llmopt's custom ops, generated kernels for fusion groups.
+
+Entry point: `lower(program) -> LoweredProgram`, a callable `(input_ids [B, T], position_ids=None)
+-> logits [B, T, V]` that `llmopt.compile(..., backend="triton")` returns inside its CompiledModel.
+
+The Program itself is not changed: lowering copies its graph (sharing the weights) and swaps targets:
+- `llmopt.linear_w8a8` -> the int8 tensor-core GEMM template (per-token activation quantization fused
+  into one kernel, scales and bias in the epilogue),
+- `llmopt.linear_wq` -> the W4A16 GEMM / split-K GEMV template,
+- `llmopt.attention` -> the FlashAttention template (GQA without repeating K/V),
+- chains of pointwise ops and row reductions -> generated kernels (`llmopt.codegen.fusion`).
+Two graphs are kept. When the caller gives no `position_ids`, every row holds positions 0..T-1 and the
+attention mask transformers builds from them is exactly the causal mask, so the first graph calls the
+causal kernel and drops the mask computation; with explicit `position_ids` (packed or shifted
+sequences), the second graph keeps the mask and runs attention on the reference op.
+"""
+import torch
+from torch.fx import GraphModule
+
+import llmopt.ops  # noqa: F401  (torch.ops.llmopt.*)
+
+
+def _attention_causal(q, k, v, mask, scale, causal):
+    return _attention_masked(q, k, v, None, scale, True)
+
+
+def _attention_masked(q, k, v, mask, scale, causal):
+    from llmopt.codegen.kernels import flash_attention
+
+    if mask is None and _flash_supports(q, k, v):
+        return flash_attention(q, k, v, scale, causal)
+    return torch.ops.llmopt.attention(q, k, v, mask, scale, causal)
+
+
+def _flash_supports(q, k, v) -> bool:
+    head_dim = q.shape[-1]
+    return head_dim in (16, 32, 64, 128, 256) and k.shape[-1] == v.shape[-1] == head_dim and q.dtype == k.dtype == v.dtype
+
+
+def _templates(causal_positions: bool) -> dict:
+    from llmopt.codegen import kernels
+
+    return {
+        torch.ops.llmopt.linear_w8a8.default: kernels.linear_w8a8,
+        torch.ops.llmopt.linear_wq.default: kernels.linear_wq,
+        torch.ops.llmopt.attention.default: _attention_causal if causal_positions else _attention_masked,
+    }
+
+
+class LoweredProgram:
+    """The Program's graph with Triton kernels in place of reference ops; see the module docstring."""
+
+    def __init__(self, program, fuse: bool = True):
+        self.program = program
+        self.causal_gm = _lowered_graph(program, causal_positions=True, fuse=fuse)
+        self.general_gm = _lowered_graph(program, causal_positions=False, fuse=fuse)
+
+    def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor = None) -> torch.Tensor:
+        with torch.no_grad():
+            if position_ids is None:
+                pos = torch.arange(input_ids.shape[-1], device=input_ids.device).expand_as(input_ids)
+                out = self.causal_gm(input_ids, pos)
+            else:
+                out = self.general_gm(input_ids, position_ids.contiguous())
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    def dump_kernels(self, directory) -> list:
+        """Write the generated kernels' source, one file a kernel; returns the paths."""
+        from llmopt.codegen.fusion import dump_kernels
+
+        return dump_kernels(self.program, directory)
+
+
+def lower(program, fuse: bool = True) -> LoweredProgram:
+    return LoweredProgram(program, fuse=fuse)
+
+
+def _lowered_graph(program, causal_positions: bool, fuse: bool) -> GraphModule:
+    graph = torch.fx.Graph()
+    out = graph.graph_copy(program.graph, {})
+    graph.output(out)
+    gm = GraphModule(program.gm, graph)  # shares the Program's weights
+    templates = _templates(causal_positions)
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in templates:
+            if causal_positions and node.target == torch.ops.llmopt.attention.default:
+                node.args = node.args[:3] + (None,) + node.args[4:]  # the mask is exactly causal here
+            node.target = templates[node.target]
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    if fuse:
+        gm = _fuse_pointwise(gm)
+    return gm
+
+
+def _fuse_pointwise(gm: GraphModule) -> GraphModule:
+    try:
+        from llmopt.codegen.fusion import fuse_graph_module
+    except ImportError:
+        return gm
+    return fuse_graph_module(gm)
