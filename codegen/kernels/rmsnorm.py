@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-INT8_MAX = 127.0
+INT8_MAX = tl.constexpr(127.0)
 
 
 class NormOutput(NamedTuple):
