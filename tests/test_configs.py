@@ -29,6 +29,18 @@ def export(module: torch.nn.Module, vocab: int) -> torch.export.ExportedProgram:
     )
 
 
+@st.composite
+def positions_strategy(draw, length: int) -> torch.Tensor:
+    """`[1, T]` positions: a later chunk of one sequence, then maybe a second sequence from 0.
+
+    Without a cache or attention mask, transformers reads a step other than +1 as the start of a
+    packed sequence and masks attention across it (all families but OPT), in eager and export alike.
+    """
+    first = draw(st.integers(1, length))
+    start = draw(st.integers(0, MAX_POSITIONS - first))
+    return torch.cat([torch.arange(start, start + first), torch.arange(length - first)])[None]
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
@@ -39,8 +51,7 @@ def test_export_matches_eager(family, data):
     for _ in range(2):  # shapes other than the example's
         input_ids = data.draw(input_ids_strategy(config.vocab_size, max_batch=3, max_len=40))  # [B, T]
         batch, length = input_ids.shape
-        start = data.draw(st.integers(0, MAX_POSITIONS - length))  # a later chunk of a sequence
-        position_ids = torch.arange(start, start + length).expand(batch, length)
+        position_ids = data.draw(positions_strategy(length)).expand(batch, length)
         with torch.no_grad():
             expected = module(input_ids, position_ids)  # [B, T, V]
             actual = program(input_ids, position_ids)
@@ -73,3 +84,17 @@ def test_build_model_is_deterministic_with_unit_scale_logits(family, data):
     torch.testing.assert_close(first, again, rtol=0, atol=0)
     assert not torch.allclose(first, other)
     assert 0.3 < first.std().item() < 10.0  # weights large enough that a wrong op shows
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@settings(max_examples=2, deadline=None)
+@given(data=st.data())
+def test_positions_restarting_at_zero_start_a_packed_sequence(family, data):
+    """transformers 5.24, no cache and no mask: positions [0..3, 0..3] are two sequences; OPT ignores this."""
+    config = data.draw(config_strategy(family))
+    module = Logits(build_model(config))
+    input_ids = data.draw(input_ids_strategy(config.vocab_size, max_batch=1, max_len=1)).repeat(1, 8)  # [1, 8]
+    with torch.no_grad():
+        packed = module(input_ids, torch.arange(4).repeat(1, 2))[:, 4:]  # [1, 4, V]
+        alone = module(input_ids[:, 4:], torch.arange(4)[None])
+    assert torch.allclose(packed, alone, rtol=1e-5, atol=1e-5) == (family != "opt")
