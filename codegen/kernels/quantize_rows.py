@@ -4,18 +4,21 @@ Entry point: `quantize_rows(x [M, K] float, act_scale=None) -> (q [M, K] int8, s
 - `act_scale=None`: dynamic, `scale` is `[M, 1]` fp32, `amax(|x_row|).clamp_min(1e-8) / 127`;
 - `act_scale` a 1-element fp32 tensor: static, `scale` is `act_scale` viewed as `[1, 1]`.
 
-Bit-identical to the reference (`llmopt.ops.linear_w8a8.quantize_per_token` / `quantize_static`):
-the same fp32 amax, correctly rounded divisions (`div_rn`, not the approximate `/`), and
-round-half-to-even as `torch.round` does. One program per row; the row is read twice (amax, then
-quantize), the second time mostly from L2.
+Bit-identical to the reference (`llmopt.ops.linear_w8a8.quantize_per_token` / `quantize_static`)
+on the device it runs on: the same fp32 amax, correctly rounded divisions (`div_rn`, not the
+approximate `/`) and round-half-to-even as `torch.round` does. `amax / 127` follows torch: on CUDA
+torch divides a tensor by a Python scalar as a product with the fp32 reciprocal, on CPU it divides.
+One program per row, which stays in registers: one read of x, one write of q.
 """
 from typing import Optional
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 
 INT8_MAX = tl.constexpr(127.0)
+INV_INT8_MAX = tl.constexpr(float(np.float32(1.0) / np.float32(127.0)))  # torch's fp32 reciprocal
 
 
 @triton.jit
@@ -38,27 +41,24 @@ def _quantize_rows_kernel(
     stride_qm,
     # meta-parameters
     STATIC: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    SCALE_BY_RECIPROCAL: tl.constexpr,  # amax * fl(1/127) (torch on CUDA) instead of amax / 127
+    BLOCK_K: tl.constexpr,  # >= K: the whole row in one tile
 ):
     row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + row * stride_xm
-    q_row = q_ptr + row * stride_qm
+    offs = tl.arange(0, BLOCK_K)
+    x = tl.load(x_ptr + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)  # [BLOCK_K]
     if STATIC:
         scale = tl.load(scale_ptr)
     else:
-        amax = tl.zeros([BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.abs(x))
-        scale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), 1e-8), INT8_MAX)
+        amax = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-8)
+        if SCALE_BY_RECIPROCAL:
+            scale = amax * INV_INT8_MAX
+        else:
+            scale = tl.math.div_rn(amax, INT8_MAX)
         tl.store(scale_ptr + row, scale)
-    for k0 in range(0, K, BLOCK_K):
-        offs = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
-        q = _round_half_even(tl.math.div_rn(x, scale))
-        q = tl.minimum(tl.maximum(q, -INT8_MAX), INT8_MAX)
-        tl.store(q_row + offs, q.to(tl.int8), mask=offs < K)
+    q = _round_half_even(tl.math.div_rn(x, scale))
+    q = tl.minimum(tl.maximum(q, -INT8_MAX), INT8_MAX)
+    tl.store(q_ptr + row * stride_qm + offs, q.to(tl.int8), mask=offs < K)
 
 
 def quantize_rows(x: torch.Tensor, act_scale: Optional[torch.Tensor] = None):
@@ -73,9 +73,11 @@ def quantize_rows(x: torch.Tensor, act_scale: Optional[torch.Tensor] = None):
         scale = act_scale.to(torch.float32).reshape(1, 1)  # scale: [1, 1]
     if m == 0:
         return q, scale
-    block_k = min(triton.next_power_of_2(k), 4096)
+    block_k = triton.next_power_of_2(k)
+    assert block_k <= 65536, f"K={k}: rows longer than 65536 need a looped kernel"
     _quantize_rows_kernel[(m,)](
         x, q, scale, k, x.stride(0), q.stride(0),
-        STATIC=act_scale is not None, BLOCK_K=block_k, num_warps=8 if block_k >= 2048 else 4,
+        STATIC=act_scale is not None, SCALE_BY_RECIPROCAL=x.is_cuda, BLOCK_K=block_k,
+        num_warps=min(16, max(4, block_k // 1024)),  # <= 32 values of the row per thread
     )
     return q, scale

@@ -1,0 +1,106 @@
+"""Quantized GEMM kernels against torch bf16 matmul, at Llama-2-7B linear shapes.
+
+Entry point: `run(ceilings) -> list[dict]`; `python -m benchmarks.bench_gemm` measures the ceilings
+(benchmarks/common.py), runs every case and prints two tables. Each case times its baseline
+(`x @ Wᵀ` with W in bf16) in the same run. Both sides are captured in a CUDA graph and timed as
+graph replays (as the runtime runs decode steps), so Python's launch cost stays out of GPU times;
+do_bench clears L2 before every repetition, so the weights come from HBM each time. Formulas:
+- W4A16 (`linear_wq`, 4 bits, group 128, bf16): weight bytes = N·K/2 (nibbles) + 2·N·(K/128)·2
+  (bf16 scales and zeros); GB/s = weight bytes / time; % BW = that over the measured copy
+  bandwidth (read + write bytes of a large device copy).
+- W8A8 (`linear_w8a8`, per-token dynamic): int8 TOP/s = 2·M·N·K / GEMM time. "gemm" times the GEMM
+  launch alone (activations already quantized), "total" adds the `quantize_rows` launch.
+Targets: W4A16 M=1 >= 3.0x and >= 70% BW, M=16 >= 2.5x, M=64 >= 1.5x; W8A8 >= 1.6x.
+"""
+import torch
+
+from benchmarks.common import header, measure_ceilings, print_table, time_ms
+from llmopt.codegen.kernels.quantize_rows import quantize_rows
+from llmopt.codegen.kernels.w4a16_gemm import _wq_gemm_kernel, _wq_gemv_kernel, linear_wq
+from llmopt.codegen.kernels.w8a8_gemm import _w8a8_gemm_kernel, int8_gemm_scaled, linear_w8a8
+from llmopt.ops.linear_wq import dequantize_groups, pack_int4
+
+LLAMA_7B = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (N, K) of W: [N, K], y = x @ Wᵀ
+WQ_BATCHES = [1, 16, 64]
+W8A8_TOKENS = [2048, 4096, 8192]
+GROUP = 128
+W4_COLUMNS = ["M", "N x K", "bf16 us", "w4a16 us", "speedup", "weight GB/s", "% BW", "rel err", "config"]
+W8_COLUMNS = [
+    "M", "N x K", "bf16 TFLOP/s", "int8 TOP/s (gemm)", "speedup (gemm)", "speedup (total)",
+    "gemm us", "quant us", "total us", "rel err", "config",
+]
+
+
+def _graphed(fn):
+    """-> a callable replaying fn's launches from a CUDA graph (fn is run once first: compile, autotune)."""
+    fn()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def _best(kernel) -> str:
+    c = kernel.best_config
+    return " ".join(f"{k[6:] if k.startswith('BLOCK_') else k}={v}" for k, v in c.kwargs.items()) + (
+        f" w{c.num_warps} s{c.num_stages}"
+    )
+
+
+def w4a16_case(m: int, n: int, k: int, ceilings: dict) -> dict:
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)  # x: [M, K]
+    qweight = pack_int4(torch.randint(0, 16, (n, k), device="cuda"))  # [N, K // 2] uint8
+    scales = (torch.rand(n, k // GROUP, device="cuda") * 0.02 + 0.005).to(torch.bfloat16)  # [N, K // G]
+    zeros = torch.randint(0, 16, (n, k // GROUP), device="cuda").to(torch.bfloat16)
+    w = dequantize_groups(qweight, scales, zeros, GROUP, 4)  # w: [N, K] bf16, the baseline's weight
+    y = linear_wq(x, qweight, scales, zeros, None, GROUP, 4)
+    err = _rel_err(y, x @ w.t())
+    t_ref = time_ms(_graphed(lambda: x @ w.t()))
+    t = time_ms(_graphed(lambda: linear_wq(x, qweight, scales, zeros, None, GROUP, 4)))
+    weight_bytes = n * k // 2 + 2 * n * (k // GROUP) * 2
+    gbs = weight_bytes / t / 1e6
+    kernel = _wq_gemv_kernel if m <= 16 else _wq_gemm_kernel
+    return {
+        "kind": "w4a16", "M": m, "N x K": f"{n} x {k}", "bf16 us": 1e3 * t_ref, "w4a16 us": 1e3 * t,
+        "speedup": t_ref / t, "weight GB/s": gbs, "% BW": 100 * gbs / ceilings["bandwidth_gbs"],
+        "rel err": err, "config": _best(kernel),
+    }
+
+
+def w8a8_case(m: int, n: int, k: int, ceilings: dict) -> dict:
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)  # x: [M, K]
+    w = torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8)  # w: [N, K]
+    w_scale = torch.rand(n, device="cuda") * 0.01 + 1e-3  # [N] fp32
+    w_bf16 = (w.float() * w_scale[:, None]).to(torch.bfloat16)  # the baseline's weight
+    q, row_scale = quantize_rows(x)
+    err = _rel_err(linear_w8a8(x, w, w_scale, None, None), x @ w_bf16.t())
+    t_ref = time_ms(_graphed(lambda: x @ w_bf16.t()))
+    t_gemm = time_ms(_graphed(lambda: int8_gemm_scaled(q, w, row_scale, w_scale, None, None, torch.bfloat16)))
+    t_quant = time_ms(_graphed(lambda: quantize_rows(x)))
+    t_total = time_ms(_graphed(lambda: linear_w8a8(x, w, w_scale, None, None)))
+    flops = 2 * m * n * k
+    return {
+        "kind": "w8a8", "M": m, "N x K": f"{n} x {k}", "bf16 TFLOP/s": flops / t_ref / 1e9,
+        "int8 TOP/s (gemm)": flops / t_gemm / 1e9, "speedup (gemm)": t_ref / t_gemm,
+        "speedup (total)": t_ref / t_total, "gemm us": 1e3 * t_gemm, "quant us": 1e3 * t_quant,
+        "total us": 1e3 * t_total, "rel err": err, "config": _best(_w8a8_gemm_kernel),
+    }
+
+
+def run(ceilings: dict) -> list:
+    """All cases, W4A16 first; one dict per case (the table columns plus "kind")."""
+    rows = [w4a16_case(m, n, k, ceilings) for m in WQ_BATCHES for n, k in LLAMA_7B]
+    rows += [w8a8_case(m, n, k, ceilings) for m in W8A8_TOKENS for n, k in LLAMA_7B]
+    return rows
+
+
+if __name__ == "__main__":
+    ceilings = measure_ceilings()
+    print(header(ceilings), flush=True)
+    rows = run(ceilings)
+    print_table("W4A16 (group 128, bf16) vs bf16 matmul", W4_COLUMNS, [r for r in rows if r["kind"] == "w4a16"])
+    print_table("W8A8 (per-token dynamic, bf16 out) vs bf16 matmul", W8_COLUMNS, [r for r in rows if r["kind"] == "w8a8"])
