@@ -6,7 +6,7 @@
     cm.generate(input_ids, max_new_tokens=32)
 
 Public API: `compile`, `capture`, `Program`, `Pass`, `PassResult`, `PassManager`, `Pattern`,
-`Calibration`, `CompiledModel`, and the errors (`LlmoptError`, `CaptureError`, `PassError`, ...).
+`Calibration`, `CompiledModel`, `save`, `load`, and the errors (`LlmoptError`, `CaptureError`, `PassError`, ...).
 """
 from llmopt.calibration import Calibration
 from llmopt.capture import capture
@@ -17,8 +17,10 @@ from llmopt.pass_manager import PassManager
 from llmopt.passes_api import Pass, PassResult
 from llmopt.pattern import Match, Pattern
 from llmopt.program import Program
+from llmopt.serialize import load, save
 
 __all__ = [
     "Calibration", "CaptureError", "CompiledModel", "EquivalenceError", "LlmoptError", "Match", "Pass",
-    "PassError", "PassManager", "PassResult", "Pattern", "Program", "VerifyError", "capture", "compile",
+    "PassError", "PassManager", "PassResult", "Pattern", "Program", "VerifyError", "capture", "compile", "load",
+    "save",
 ]

@@ -52,6 +52,12 @@ class CompiledModel:
                 break
         return ids
 
+    def save(self, directory):
+        """Write this model to `directory` (weights as safetensors + llmopt.json); `llmopt.load` reads it back."""
+        from llmopt.serialize import save
+
+        return save(self, directory)
+
     def report(self) -> str:
         """Passes run (time and stats of each) and parameter bytes before and after."""
         lines = [f"llmopt compiled model (backend: {self.backend})", "", "| pass | seconds | changed | stats |", "| --- | --- | --- | --- |"]
