@@ -1,0 +1,1 @@
+"""llmopt runtime: execution engine (paged KV cache, batching) — the runtime issue builds it."""
