@@ -203,8 +203,7 @@ def build_model(
     convention (Gemma stores w with the scale 1 + w and initialises w = 0), biases become nonzero.
     """
     generator = torch.Generator().manual_seed(seed)
-    with torch.device("cpu"):
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
     std = 1.0 / math.sqrt(config.hidden_size)
     with torch.no_grad():
         for param in model.parameters():  # tied weights appear once
