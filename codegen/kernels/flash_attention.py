@@ -41,7 +41,7 @@ def _attend_blocks(
     offs_m, offs_d, lo, hi, seq_k, causal_shift, qk_scale,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Online softmax over keys [lo, hi); MASKED blocks check key bounds and the causal diagonal."""
+    """Online softmax over keys [lo, hi) in log2 units; MASKED blocks check key bounds and the causal diagonal."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k_ptrs = k_base + offs_n[:, None] * stride_kt + offs_d[None, :]
