@@ -8,8 +8,6 @@ with wide coalesced accesses and no repacking step is needed. Nibbles are unpack
 dequantized in the dtype of `scales`, exactly as the reference: `W = (q - zero) * scale`.
 
 Two kernels, picked by M:
-Each weight tile is dequantized as its even and odd columns, paired with the even and odd
-activations, so the nibbles are never interleaved in registers.
 - M <= 16 (decode): `_wq_gemv_kernel`, a GEMV (M == 1: multiply-and-reduce on CUDA cores) or a
   16-row tensor-core dot (2 <= M <= 16), with split-K: the last program of a column tile (an atomic
   counter that resets itself) sums the fp32 partials, so a call is a single launch.
@@ -73,55 +71,42 @@ def _prune(configs, named_args, **kwargs):
 
 
 @triton.jit
-def _dequant_scale(q, s, z, OUT_DTYPE: tl.constexpr):
-    """q: [..] uint8, s/z: broadcastable, scales' dtype -> (q - z) * s rounded once to s's dtype.
-
-    Computed in fp32: q - z is an exact small integer and its product with a 16-bit scale is exact in
-    fp32, so the one rounding is the reference's rounding (bit-identical). q becomes fp32 without a
-    conversion instruction (those run at 1/8 rate): the bits 0x4B000000 | q are the float 2**23 + q,
-    and subtracting 2**23 + z leaves q - z exactly.
-    """
-    qf = (q.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True)  # 2**23 + q
-    w = (qf - (z.to(tl.float32) + 8388608.0)) * s.to(tl.float32)
-    return w.to(s.dtype).to(OUT_DTYPE)
-
-
-@triton.jit
-def _dequant_pair(
+def _dequant_tile(
     qw_ptr, s_ptr, z_ptr,  # qw: [N, K // 2] or [N, K] uint8; s, z: [N, K // GROUP_SIZE]
     rows,  # [BLOCK_N] weight rows, in bounds
     k0,  # first column of the tile, a multiple of BLOCK_K
     stride_qn, stride_sn,
     GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, BLOCK_K: tl.constexpr, OUT_DTYPE: tl.constexpr,
 ):
-    """-> (W[rows, k0 + 0::2], W[rows, k0 + 1::2]) over the tile: two [BLOCK_N, BLOCK_K // 2] halves.
+    """-> W[rows, k0:k0 + BLOCK_K]: [BLOCK_N, BLOCK_K], bit-identical to the reference's (q - z) * s.
 
-    Even and odd columns stay apart (the caller pairs them with even and odd activations), so the
-    nibbles are never interleaved: no register shuffle between the load and the math.
+    Computed in fp32 and rounded once to the scales' dtype: q - z is an exact small integer and its
+    product with a 16-bit scale is exact in fp32, so that one rounding is the reference's rounding.
+    q becomes fp32 without a conversion instruction (those run at 1/8 rate): the bits
+    0x4B000000 | q are the float 2**23 + q, and subtracting 2**23 + z leaves q - z exactly.
     """
     BLOCK_N: tl.constexpr = rows.shape[0]
-    HALF: tl.constexpr = BLOCK_K // 2
     if BITS <= 4:
-        offs_b = k0 // 2 + tl.arange(0, HALF)
-        p = tl.load(qw_ptr + rows[:, None] * stride_qn + offs_b[None, :])  # [BLOCK_N, HALF]
-        q_even, q_odd = p & 0xF, p >> 4  # even k: low nibble, odd k: high
+        offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        p = tl.load(qw_ptr + rows[:, None] * stride_qn + offs_b[None, :])  # [BLOCK_N, BLOCK_K // 2]
+        q = tl.reshape(tl.join(p & 0xF, p >> 4), (BLOCK_N, BLOCK_K))  # even k: low nibble, odd k: high
     else:
         offs_k = k0 + tl.arange(0, BLOCK_K)
         q = tl.load(qw_ptr + rows[:, None] * stride_qn + offs_k[None, :])  # [BLOCK_N, BLOCK_K]
-        q_even, q_odd = tl.split(tl.reshape(q, (BLOCK_N, HALF, 2)))
+    q = (q.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True)  # 2**23 + q
     if BLOCK_K <= GROUP_SIZE:  # one group per row of the tile
         g = k0 // GROUP_SIZE
-        s = tl.load(s_ptr + rows * stride_sn + g)[:, None]  # [BLOCK_N, 1]
-        z = tl.load(z_ptr + rows * stride_sn + g)[:, None]
-        return _dequant_scale(q_even, s, z, OUT_DTYPE), _dequant_scale(q_odd, s, z, OUT_DTYPE)
-    else:  # NG groups per row, GROUP_SIZE // 2 columns of each half per group
+        s = tl.load(s_ptr + rows * stride_sn + g)  # [BLOCK_N]
+        z = tl.load(z_ptr + rows * stride_sn + g).to(tl.float32) + 8388608.0  # 2**23 + z
+        w = ((q - z[:, None]) * s.to(tl.float32)[:, None]).to(s.dtype)
+    else:  # BLOCK_K // GROUP_SIZE groups per row
         NG: tl.constexpr = BLOCK_K // GROUP_SIZE
         g = k0 // GROUP_SIZE + tl.arange(0, NG)
-        s = tl.load(s_ptr + rows[:, None] * stride_sn + g[None, :])[:, :, None]  # [BLOCK_N, NG, 1]
-        z = tl.load(z_ptr + rows[:, None] * stride_sn + g[None, :])[:, :, None]
-        w_even = _dequant_scale(tl.reshape(q_even, (BLOCK_N, NG, GROUP_SIZE // 2)), s, z, OUT_DTYPE)
-        w_odd = _dequant_scale(tl.reshape(q_odd, (BLOCK_N, NG, GROUP_SIZE // 2)), s, z, OUT_DTYPE)
-        return tl.reshape(w_even, (BLOCK_N, HALF)), tl.reshape(w_odd, (BLOCK_N, HALF))
+        s = tl.load(s_ptr + rows[:, None] * stride_sn + g[None, :])  # [BLOCK_N, NG]
+        z = tl.load(z_ptr + rows[:, None] * stride_sn + g[None, :]).to(tl.float32) + 8388608.0
+        q3 = tl.reshape(q, (BLOCK_N, NG, GROUP_SIZE))
+        w = tl.reshape(((q3 - z[:, :, None]) * s.to(tl.float32)[:, :, None]).to(s.dtype), (BLOCK_N, BLOCK_K))
+    return w.to(OUT_DTYPE)
 
 
 @triton.autotune(
@@ -132,7 +117,7 @@ def _dequant_pair(
 def _wq_gemv_kernel(
     # tensors
     x_ptr,  # x: [M, K], M <= 16
-    qw_ptr, s_ptr, z_ptr,  # the quantized weight (see _dequant_pair)
+    qw_ptr, s_ptr, z_ptr,  # the quantized weight (see _dequant_tile)
     bias_ptr,  # bias: [N], read if HAS_BIAS
     y_ptr,  # y: [M, N]
     ws_ptr,  # ws: [SPLIT_K, BLOCK_M, N] fp32 partial sums (SPLIT_K > 1)
@@ -149,7 +134,7 @@ def _wq_gemv_kernel(
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_even = 2 * tl.arange(0, BLOCK_K // 2)  # even columns of a tile; odd ones are + 1
+    offs_k = tl.arange(0, BLOCK_K)
     rows = offs_n % N  # wrapped so loads stay in bounds; stores are masked
     x_rows = x_ptr + (offs_m % M)[:, None] * stride_xm  # [BLOCK_M, 1]
     num_kb = K // BLOCK_K
@@ -157,23 +142,20 @@ def _wq_gemv_kernel(
     kb_end = min(num_kb, (pid_k + 1) * kb_per_split)
 
     if BLOCK_M == 1:  # GEMV: products on CUDA cores, one reduction at the end
-        acc2 = tl.zeros([BLOCK_N, BLOCK_K // 2], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for kb in range(pid_k * kb_per_split, kb_end):
-            w_even, w_odd = _dequant_pair(qw_ptr, s_ptr, z_ptr, rows, kb * BLOCK_K, stride_qn, stride_sn,
-                                          GROUP_SIZE, BITS, BLOCK_K, x_ptr.dtype.element_ty)  # [BLOCK_N, BLOCK_K / 2]
-            x_even = tl.load(x_rows + kb * BLOCK_K + offs_even[None, :]).to(tl.float32)  # [1, BLOCK_K / 2]
-            x_odd = tl.load(x_rows + kb * BLOCK_K + 1 + offs_even[None, :]).to(tl.float32)
-            acc2 += w_even.to(tl.float32) * x_even + w_odd.to(tl.float32) * x_odd
+            w = _dequant_tile(qw_ptr, s_ptr, z_ptr, rows, kb * BLOCK_K, stride_qn, stride_sn,
+                              GROUP_SIZE, BITS, BLOCK_K, x_ptr.dtype.element_ty)  # [BLOCK_N, BLOCK_K]
+            x = tl.load(x_rows + kb * BLOCK_K + offs_k[None, :])  # [1, BLOCK_K]
+            acc2 += w.to(tl.float32) * x.to(tl.float32)
         acc = tl.sum(acc2, axis=1)[None, :]  # [1, BLOCK_N]
     else:  # 2..16 rows: a 16-row tensor-core dot, rows past M are copies that the store drops
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for kb in range(pid_k * kb_per_split, kb_end):
-            w_even, w_odd = _dequant_pair(qw_ptr, s_ptr, z_ptr, rows, kb * BLOCK_K, stride_qn, stride_sn,
-                                          GROUP_SIZE, BITS, BLOCK_K, x_ptr.dtype.element_ty)
-            x_even = tl.load(x_rows + kb * BLOCK_K + offs_even[None, :])  # [BLOCK_M, BLOCK_K / 2]
-            x_odd = tl.load(x_rows + kb * BLOCK_K + 1 + offs_even[None, :])
-            acc = tl.dot(x_even, tl.trans(w_even), acc, input_precision=DOT_PRECISION)
-            acc = tl.dot(x_odd, tl.trans(w_odd), acc, input_precision=DOT_PRECISION)
+            w = _dequant_tile(qw_ptr, s_ptr, z_ptr, rows, kb * BLOCK_K, stride_qn, stride_sn,
+                              GROUP_SIZE, BITS, BLOCK_K, x_ptr.dtype.element_ty)
+            x = tl.load(x_rows + kb * BLOCK_K + offs_k[None, :])  # [BLOCK_M, BLOCK_K]
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
 
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if SPLIT_K > 1:  # publish the partial sum; the last split of this column tile reduces them all
@@ -207,7 +189,7 @@ def _store_output(y_ptr, bias_ptr, acc, offs_m, offs_n, cols, mask, stride_ym, H
 def _wq_gemm_kernel(
     # tensors
     x_ptr,  # x: [M, K]
-    qw_ptr, s_ptr, z_ptr,  # the quantized weight (see _dequant_pair)
+    qw_ptr, s_ptr, z_ptr,  # the quantized weight (see _dequant_tile)
     bias_ptr,  # bias: [N], read if HAS_BIAS
     y_ptr,  # y: [M, N]
     # sizes and strides (inner strides are 1)
@@ -225,15 +207,16 @@ def _wq_gemm_kernel(
     pid_n = pid // num_m
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
     rows = offs_n % N  # wrapped so loads stay in bounds; stores are masked
-    x_even = x_ptr + (offs_m % M)[:, None] * stride_xm + 2 * tl.arange(0, BLOCK_K // 2)[None, :]  # [BLOCK_M, BLOCK_K / 2]
+    x_ptrs = x_ptr + (offs_m % M)[:, None] * stride_xm + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        w_even, w_odd = _dequant_pair(qw_ptr, s_ptr, z_ptr, rows, k0, stride_qn, stride_sn,
-                                      GROUP_SIZE, BITS, BLOCK_K, x_ptr.dtype.element_ty)  # [BLOCK_N, BLOCK_K / 2]
-        acc = tl.dot(tl.load(x_even + k0), tl.trans(w_even), acc, input_precision=DOT_PRECISION)
-        acc = tl.dot(tl.load(x_even + k0 + 1), tl.trans(w_odd), acc, input_precision=DOT_PRECISION)
+        w = _dequant_tile(qw_ptr, s_ptr, z_ptr, rows, k0, stride_qn, stride_sn,
+                          GROUP_SIZE, BITS, BLOCK_K, x_ptr.dtype.element_ty)  # [BLOCK_N, BLOCK_K]
+        acc = tl.dot(tl.load(x_ptrs), tl.trans(w), acc, input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_K
 
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     _store_output(y_ptr, bias_ptr, acc, offs_m, offs_n, rows, mask, stride_ym, HAS_BIAS)
