@@ -9,7 +9,8 @@ A saved model is two files (other files in the directory, a tokenizer say, are l
 - `llmopt.json`: the manifest: format name and version, the recipe, the model config,
   `max_seq_len`, the sha256 of the weights file, the pass report, and the graph as JSON.
 
-The graph is a list of nodes in order, each `{"op", "name", "target", "args": [...], "kwargs": {...}}`. Targets are
+The graph is a list of nodes in order, each `{"op", "name", "target", "args": [...], "kwargs": {...}}`
+and `"meta"` with llmopt's annotations (`weight_name`, `sparsity`). Targets are
 qualified names resolved without importing anything: ops as `aten.linear.default` /
 `llmopt.linear_wq.default` (through `torch.ops`), Python functions as `_operator.getitem`,
 `math.ceil` or `torch.sym_max`. Argument values are JSON scalars or one-key objects: `{"node":
@@ -39,6 +40,7 @@ MANIFEST = "llmopt.json"
 WEIGHTS = "weights.safetensors"
 
 _FUNCTION_MODULES = {"_operator": operator, "math": math, "torch": torch}
+SAVED_META = ("weight_name", "sparsity")  # llmopt's own node annotations (passes and lowerings read them)
 
 
 # ---- save ------------------------------------------------------------------------------------------
@@ -66,13 +68,13 @@ def save(model, directory) -> Path:
         "config": program.config,
         "max_seq_len": program.max_seq_len,
         "bytes_before": bytes_before,
-        "report": [{"name": r.name, "seconds": r.seconds, "changed": r.changed, "stats": _json_stats(r.stats)} for r in records],
+        "report": [{"name": r.name, "seconds": r.seconds, "changed": r.changed, "stats": _jsonable(r.stats)} for r in records],
         "graph": graph,
     }
     try:
         text = json.dumps(manifest, indent=1, allow_nan=False)
     except (TypeError, ValueError) as err:
-        raise LlmoptError(f"llmopt.save: the recipe or config holds a value JSON cannot store ({err}); "
+        raise LlmoptError(f"llmopt.save: the recipe, config or a node annotation holds a value JSON cannot store ({err}); "
                           "pass options and config entries must be numbers, strings, lists or dicts") from err
     _atomic_write(directory / MANIFEST, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return directory
@@ -117,16 +119,18 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _json_stats(stats: dict) -> dict:
-    return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in stats.items()}
+def _jsonable(stats: dict) -> dict:
+    """Pass stats as JSON: numbers, strings and lists stay; anything else (a tensor, say) becomes its str."""
+    return json.loads(json.dumps(stats, default=str))
 
 
 def _encode_graph(program) -> list:
     nodes = []
     for node in program.graph.nodes:
         entry = {"op": node.op, "name": node.name, "target": _target_name(node)}
-        if node.op == "get_attr":
-            entry["weight_name"] = node.meta.get("weight_name", node.target)
+        meta = {k: node.meta[k] for k in SAVED_META if k in node.meta}
+        if meta:
+            entry["meta"] = meta
         if node.op == "placeholder":
             entry["value"] = _placeholder_spec(node)
         entry["args"] = [_encode(a, node) for a in node.args]
@@ -262,8 +266,7 @@ def _decode_graph(entries: list, weights: dict, directory: Path) -> GraphModule:
             graph.output(args[0])
             continue
         node = graph.create_node(e["op"], target, args, kwargs, name=name)
-        if e["op"] == "get_attr":
-            node.meta["weight_name"] = e["weight_name"]
+        node.meta.update(e.get("meta", {}))
         env[name] = node
     return GraphModule(root, graph)
 

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig
 
 import llmopt
-from llmopt.passes import MergeLoRA, Smooth
+from llmopt.passes import AWQ, RTN, W8A8, MergeLoRA, Smooth, SmoothQuant, Wanda
 from llmopt.serialize import FORMAT_VERSION, MANIFEST, WEIGHTS
 from llmopt.testing import build_model
 
@@ -64,7 +64,8 @@ def assert_same_program(a, b):
     assert wa.keys() == wb.keys()
     for name in wa:
         assert wa[name].dtype == wb[name].dtype and torch.equal(wa[name], wb[name]), name
-    assert [n.meta["weight_name"] for n in a.nodes("get_attr")] == [n.meta["weight_name"] for n in b.nodes("get_attr")]
+    for key in ("weight_name", "sparsity"):
+        assert [n.meta.get(key) for n in nodes_a] == [n.meta.get(key) for n in nodes_b]
 
 
 def test_exact_passes_round_trip_bit_identical(smoothed, saved):
@@ -75,6 +76,32 @@ def test_exact_passes_round_trip_bit_identical(smoothed, saved):
     assert loaded.program.config == json.loads(json.dumps(smoothed.program.config))
     assert loaded.program.max_seq_len == smoothed.program.max_seq_len == 64
     assert loaded.report() == smoothed.report()
+
+
+LOSSY = {
+    "rtn_w4": lambda: [RTN(bits=4, group_size=32)],
+    "awq_w4": lambda: [AWQ(bits=4, group_size=32, grid=4)],
+    "awq_w3": lambda: [AWQ(bits=3, group_size=32, grid=4)],
+    "w8a8_per_token": lambda: [W8A8()],
+    "smoothquant_static": lambda: [SmoothQuant(alpha=0.5, activations="per_tensor_static")],
+    "wanda_2_4_then_awq": lambda: [Wanda(sparsity=0.5, pattern="2:4"), AWQ(bits=4, group_size=32, grid=4)],
+}
+
+
+@pytest.mark.parametrize("recipe", LOSSY)
+def test_lossy_passes_round_trip_bit_identical(recipe, tmp_path):
+    cm = llmopt.compile(tiny_llama(tie=False), passes=LOSSY[recipe](), calibration=calibration(), backend="torch")
+    quantized = {lin.kind for lin in cm.program.linears()} - {"dense"}
+    assert len(quantized) == 1  # the recipe did rewrite linears into an llmopt op
+    cm.save(tmp_path)
+    loaded = llmopt.load(tmp_path)
+    assert_same_logits(cm, loaded)
+    assert_same_program(cm.program, loaded.program)
+    assert loaded.program.recipe == json.loads(json.dumps(cm.program.recipe))
+    for lin in loaded.program.linears():
+        if lin.kind == "wq":  # packed: two int4/int3 values a byte, [N, K // 2] uint8
+            packed = loaded.program.get_weight(lin.weight)
+            assert packed.dtype == torch.uint8 and 2 * packed.shape[1] == loaded.program.shape(lin.input)[-1]
 
 
 def test_manifest_and_tied_weights_stored_once(smoothed, saved):
