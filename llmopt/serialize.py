@@ -55,29 +55,34 @@ def save(model, directory) -> Path:
         program, records, bytes_before = model, [], model.parameter_bytes()
     else:
         raise LlmoptError(f"llmopt.save expects a CompiledModel or a Program, got {type(model).__name__}")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    graph = _encode_graph(program)  # before writing anything: unknown ops or values fail here
     unique, aliases = _dedupe(program.weights())
-    _atomic_write(directory / WEIGHTS, lambda tmp: _save_safetensors(unique, tmp))
     manifest = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
-        "weights": {"file": WEIGHTS, "sha256": _sha256(directory / WEIGHTS), "aliases": aliases},
+        "weights": {"file": WEIGHTS, "sha256": None, "aliases": aliases},  # sha256 once the file is written
         "recipe": program.recipe,
         "config": program.config,
         "max_seq_len": program.max_seq_len,
         "bytes_before": bytes_before,
         "report": [{"name": r.name, "seconds": r.seconds, "changed": r.changed, "stats": _jsonable(r.stats)} for r in records],
-        "graph": graph,
+        "graph": _encode_graph(program),
     }
+    _to_json(manifest)  # before writing anything: unknown ops and values JSON cannot hold fail here
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    _atomic_write(directory / WEIGHTS, lambda tmp: _save_safetensors(unique, tmp))
+    manifest["weights"]["sha256"] = _sha256(directory / WEIGHTS)
+    text = _to_json(manifest)
+    _atomic_write(directory / MANIFEST, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return directory
+
+
+def _to_json(manifest: dict) -> str:
     try:
-        text = json.dumps(manifest, indent=1, allow_nan=False)
+        return json.dumps(manifest, indent=1, allow_nan=False)
     except (TypeError, ValueError) as err:
         raise LlmoptError(f"llmopt.save: the recipe, config or a node annotation holds a value JSON cannot store ({err}); "
                           "pass options and config entries must be numbers, strings, lists or dicts") from err
-    _atomic_write(directory / MANIFEST, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-    return directory
 
 
 def _dedupe(weights: dict):

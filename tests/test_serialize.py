@@ -237,6 +237,22 @@ def test_save_refuses_what_it_cannot_name(smoothed, tmp_path):
     assert not (tmp_path / MANIFEST).exists() and not (tmp_path / WEIGHTS).exists()
 
 
+def test_save_refuses_options_json_cannot_hold(smoothed, tmp_path):
+    program = smoothed.program.copy()
+    program.recipe.append({"pass": "Custom", "options": {"scale": torch.ones(2)}})
+    with pytest.raises(llmopt.LlmoptError, match="JSON cannot store"):
+        llmopt.save(program, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_over_an_earlier_save(saved):
+    other = llmopt.compile(tiny_llama(tie=False), backend="torch")
+    (saved / "tokenizer.json").write_text("{}")  # files llmopt did not write stay
+    other.save(saved)
+    assert_same_logits(other, llmopt.load(saved))
+    assert (saved / "tokenizer.json").read_text() == "{}"
+
+
 # ---- command line ----------------------------------------------------------------------------------
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason="llmopt.commands.compile does not save the tokenizer beside the "
                    "compiled model, so `llmopt generate OUT_DIR` fails with 'has no tokenizer'; fix: tokenizer.save_pretrained(args.out)")
