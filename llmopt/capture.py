@@ -13,6 +13,7 @@ import traceback
 
 import torch
 from torch.export import Dim
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.fx import GraphModule
 
 from llmopt.errors import CaptureError
@@ -60,7 +61,10 @@ def capture(model: torch.nn.Module, example_inputs=None) -> Program:
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        # the math SDPA backend while tracing: the graph keeps one scaled_dot_product_attention op
+        # either way, but CUDA's fused backends add stride guards that torch.export cannot prove for
+        # every length (seen on torch 2.11 with GQA shapes)
+        with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):
             exported = torch.export.export(
                 CausalLMLogits(model), (input_ids, position_ids), dynamic_shapes=dynamic, strict=False
             )

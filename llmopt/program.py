@@ -10,6 +10,7 @@ Entry point: `Program` (made by `llmopt.capture`). It gives
 import operator
 
 import torch
+from torch._dispatch.python import enable_python_dispatcher
 from torch.fx import GraphModule, Node
 
 from llmopt.errors import VerifyError
@@ -170,9 +171,15 @@ class Program:
     def to(self, device=None, dtype: torch.dtype = None) -> "Program":
         """Move weights (and device/dtype literals in the graph) in place; returns self."""
         old_dtype = self.dtype_
+        retyping_fp32 = dtype is not None and dtype != old_dtype and old_dtype == torch.float32
+        if retyping_fp32:
+            from llmopt.retype import retype_casts
+
+            retype_casts(self, dtype)
+        cast_only = _read_only_through_casts(self.graph)  # fp32 buffers transformers upcasts anyway (inv_freq)
         for name, tensor in list(self.weights().items()):
             moved = tensor.to(device) if device is not None else tensor
-            if dtype is not None and tensor.dtype == old_dtype:
+            if dtype is not None and tensor.dtype == old_dtype and name not in cast_only:
                 moved = moved.to(dtype)
             self.gm.register_buffer(name, moved)
         if device is not None:
@@ -180,10 +187,15 @@ class Program:
             for p in self.nodes("placeholder"):
                 with p.meta["val"].fake_mode:
                     p.meta["val"] = p.meta["val"].to(torch.device(device))
-        if dtype is not None and dtype != old_dtype:
-            keep_fp32 = old_dtype != torch.float32
-            _rewrite_literals(self.graph, torch.dtype, lambda d: dtype if d == old_dtype or (d.is_floating_point and not keep_fp32) else d)
+        if dtype is not None and dtype != old_dtype and not retyping_fp32:
+            # a 16-bit capture says which casts are fp32 islands: only the model dtype changes
+            _rewrite_literals(self.graph, torch.dtype, lambda d: dtype if d == old_dtype else d)
         self.recompile()
+        if retyping_fp32:
+            from llmopt.retype import cast_matmul_inputs
+
+            if cast_matmul_inputs(self, dtype):
+                self.recompile()
         return self
 
     def copy(self) -> "Program":
@@ -230,7 +242,7 @@ class _FakePropagation(torch.fx.Interpreter):
             result = self.mode.from_tensor(getattr(self.module, n.target), static_shapes=True)
         else:
             try:
-                with self.mode:
+                with self.mode, enable_python_dispatcher():  # symbolic sizes reach C++ kernels' size checks
                     result = super().run_node(n)
             except Exception as err:  # re-raised with the node named
                 raise VerifyError(f"node {n.name} ({_op_name(n.target)}) fails on its input shapes: {err}") from err
@@ -245,6 +257,15 @@ def _known_op(target) -> bool:
     if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
         return target.namespace in ("aten", "llmopt", "prims")
     return getattr(target, "__module__", "").startswith(("torch.", "_operator", "math")) or target in (torch.sym_max, torch.sym_min)
+
+
+def _read_only_through_casts(graph) -> set:
+    from llmopt.roles import CAST_OPS
+
+    return {
+        n.target for n in graph.nodes
+        if n.op == "get_attr" and n.users and all(u.op == "call_function" and u.target in CAST_OPS for u in n.users)
+    }
 
 
 def _rewrite_literals(graph, kind, fn):
