@@ -8,6 +8,7 @@ model's maximum. Parameters, buffers and constants become `get_attr` weights of 
 module; device-pinning assert nodes that torch.export leaves behind are dropped; GPT-2's Conv1D
 (`addmm` with a `[in, out]` weight) is canonicalized to `aten.linear` so that passes see one linear form.
 """
+import contextlib
 import re
 import traceback
 
@@ -64,7 +65,7 @@ def capture(model: torch.nn.Module, example_inputs=None) -> Program:
         # the math SDPA backend while tracing: the graph keeps one scaled_dot_product_attention op
         # either way, but CUDA's fused backends add stride guards that torch.export cannot prove for
         # every length (seen on torch 2.11 with GQA shapes)
-        with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):
+        with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]), _kv_repeat_in_graph():
             exported = torch.export.export(
                 CausalLMLogits(model), (input_ids, position_ids), dynamic_shapes=dynamic, strict=False
             )
@@ -81,6 +82,31 @@ def capture(model: torch.nn.Module, example_inputs=None) -> Program:
     program.recompile()
     program.verify()
     return program
+
+
+@contextlib.contextmanager
+def _kv_repeat_in_graph():
+    """Trace GQA as transformers' explicit K/V repeat, not as SDPA's `enable_gqa`.
+
+    On CUDA, transformers passes `enable_gqa=True` to SDPA when there is no mask; SDPA's CUDA shape
+    function then adds stride guards (min(64·T, 128·T) == 64·T) that torch.export cannot prove for
+    every length, and capture fails. The explicit repeat traces cleanly and FuseAttention removes it
+    again, so the captured graph is the same on every device.
+    """
+    try:
+        from transformers.integrations import sdpa_attention
+    except ImportError:
+        yield
+        return
+    original = getattr(sdpa_attention, "use_gqa_in_sdpa", None)
+    if original is None:
+        yield
+        return
+    sdpa_attention.use_gqa_in_sdpa = lambda *args, **kwargs: False
+    try:
+        yield
+    finally:
+        sdpa_attention.use_gqa_in_sdpa = original
 
 
 def _check_model(model):
@@ -110,6 +136,8 @@ def _example_inputs(model, example_inputs, max_len):
         raise CaptureError("example input_ids need at least 2 tokens so the token dimension can be traced as dynamic")
     if position_ids is None:
         position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    if input_ids.shape[0] == 1:  # torch.export specializes a size-1 dim: trace the batch as 2 rows
+        input_ids, position_ids = input_ids.repeat(2, 1), position_ids.repeat(2, 1)
     return input_ids, position_ids.contiguous()
 
 
