@@ -57,7 +57,10 @@ def capture(model: torch.nn.Module, example_inputs=None) -> Program:
     _check_model(model)
     max_len = max_positions(model)
     input_ids, position_ids = _example_inputs(model, example_inputs, max_len)
-    batch, tokens = Dim("batch", min=1, max=1024), Dim("tokens", min=1, max=max_len)
+    # AUTO hints (not named Dims): guards that hold for every length but that the solver cannot prove,
+    # such as min(64·T, 128·T) == 64·T from CUDA's SDPA shape functions, are kept rather than fatal;
+    # `_check_dynamic` then refuses a capture in which a dim was specialized to one value
+    batch, tokens = Dim.AUTO(min=1, max=1024), Dim.AUTO(min=1, max=max_len)
     dynamic = {"input_ids": {0: batch, 1: tokens}, "position_ids": {0: batch, 1: tokens}}
     was_training = model.training
     model.eval()
@@ -73,6 +76,7 @@ def capture(model: torch.nn.Module, example_inputs=None) -> Program:
         raise CaptureError(_explain_export_failure(model, err)) from err
     finally:
         model.train(was_training)
+    _check_dynamic(exported, model)
     gm = _to_graph_module(exported)
     _unshare_weights(gm)
     config = model.config.to_dict() if hasattr(model, "config") else {}
@@ -107,6 +111,18 @@ def _kv_repeat_in_graph():
         yield
     finally:
         sdpa_attention.use_gqa_in_sdpa = original
+
+
+def _check_dynamic(exported, model):
+    for node in exported.graph.nodes:
+        if node.op == "placeholder" and node.name in ("input_ids", "position_ids"):
+            dims = node.meta["val"].shape
+            if not all(isinstance(d, torch.SymInt) for d in dims):
+                raise CaptureError(
+                    f"torch.export specialized the batch or token dimension of {type(model).__name__} to a constant "
+                    f"(shape {list(dims)}): the model branches on the sequence length; pass example_inputs of a typical "
+                    "batch and length, or report the model"
+                )
 
 
 def _check_model(model):
