@@ -1,0 +1,122 @@
+"""capture(model) computes what the model computes: every family, any batch and length, ragged positions.
+
+Capture and eager run the same fp32 ATen ops in the same order, so they agree to rounding (1e-5).
+"""
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from transformers.modeling_outputs import CausalLMOutput
+
+import llmopt
+from llmopt.testing import FAMILIES, build_model, config_strategy, input_ids_strategy
+from llmopt.testing.configs import MAX_POSITIONS
+
+CAPTURE_EXAMPLE_LENGTH = 8  # capture traces a [2, 8] batch when given no example inputs
+
+
+def token_list(vocab, length):
+    return st.lists(st.integers(0, vocab - 1), min_size=length, max_size=length)
+
+
+def eager_logits(model, input_ids, position_ids=None):
+    with torch.no_grad():
+        return model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@settings(max_examples=1, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_capture_matches_eager_for_any_batch_and_length(family, data):
+    config = data.draw(config_strategy(family))
+    model = build_model(config, seed=data.draw(st.integers(0, 2**16)))
+    program = llmopt.capture(model)
+    single_token = data.draw(input_ids_strategy(config.vocab_size, max_batch=3, max_len=1))  # a decode step's shape
+    drawn = data.draw(input_ids_strategy(config.vocab_size, max_batch=3, max_len=40))
+    longer = torch.tensor([data.draw(token_list(config.vocab_size, CAPTURE_EXAMPLE_LENGTH + 5))])  # [1, 13]
+    for input_ids in (single_token, drawn, longer):
+        batch, length = input_ids.shape
+        start = data.draw(st.integers(0, MAX_POSITIONS - length))  # a later chunk of a sequence
+        position_ids = torch.arange(start, start + length).expand(batch, length)
+        got = program.run(input_ids, position_ids)  # [B, T, V]
+        assert got.shape == (batch, length, config.vocab_size)
+        torch.testing.assert_close(got, eager_logits(model, input_ids, position_ids), rtol=1e-5, atol=1e-5)
+
+
+def test_reference_model_captures_and_matches(shared):
+    model = AutoModelForCausalLM.from_pretrained(shared / "models" / "ref-llama-12m", dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(shared / "models" / "ref-llama-12m")
+    text = ["The king spoke to the people of the city about the war.", "It was a dark and stormy night; the rain fell."]
+    input_ids = torch.tensor([ids[:10] for ids in tokenizer(text)["input_ids"]])  # [2, 10]
+    program = llmopt.capture(model)
+    assert program.max_seq_len == model.config.max_position_embeddings
+    assert len(program.linears()) == 7 * model.config.num_hidden_layers + 1
+    torch.testing.assert_close(program.run(input_ids), eager_logits(model, input_ids), rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    config = LlamaConfig(
+        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, attention_dropout=0.0,
+    )
+    model = build_model(config, seed=1)
+    return model, llmopt.capture(model)
+
+
+def test_packed_sequences_match_eager_and_stay_separate(llama):
+    model, program = llama
+    input_ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(0))
+    position_ids = torch.tensor([[0, 1, 2, 3, 4, 5, 6], [0, 1, 2, 0, 1, 2, 3]])  # row 1: sequences of 3 and 4 tokens
+    got = program.run(input_ids, position_ids)  # [2, 7, V]
+    torch.testing.assert_close(got, eager_logits(model, input_ids, position_ids), rtol=1e-5, atol=1e-5)
+    first, second = program.run(input_ids[1:, :3]), program.run(input_ids[1:, 3:])
+    torch.testing.assert_close(got[1:], torch.cat([first, second], dim=1), rtol=1e-5, atol=1e-5)
+
+
+def test_capture_from_a_single_prompt_example(llama):
+    """A user's natural example is one prompt, [1, T]; the batch dim must still come out dynamic."""
+    model, _ = llama
+    program = llmopt.capture(model, example_inputs=(torch.randint(0, 97, (1, 6)),))
+    input_ids = torch.randint(0, 97, (3, 9))
+    torch.testing.assert_close(program.run(input_ids), eager_logits(model, input_ids), rtol=1e-5, atol=1e-5)
+
+
+def test_capture_rejects_a_non_model():
+    with pytest.raises(llmopt.CaptureError, match="expects a torch.nn.Module.*got str"):
+        llmopt.capture("meta-llama/Llama-3.2-1B")
+
+
+def test_capture_rejects_a_module_without_a_causal_lm_config():
+    with pytest.raises(llmopt.CaptureError, match="Linear has no transformers config with a vocab_size"):
+        llmopt.capture(torch.nn.Linear(4, 4))
+
+
+class BranchOnValues(torch.nn.Module):
+    """A causal LM whose forward branches on a tensor's value: torch.export cannot trace that."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = SimpleNamespace(vocab_size=16, max_position_embeddings=32)
+        self.embed = torch.nn.Embedding(16, 8)
+        self.head = torch.nn.Linear(8, 16)
+
+    def forward(self, input_ids, position_ids=None, use_cache=False):
+        hidden = self.embed(input_ids)  # [B, T, 8]
+        if hidden.sum() > 0:
+            hidden = hidden * 2
+        return CausalLMOutput(logits=self.head(hidden))
+
+
+def test_capture_error_names_the_cause_and_the_model_line():
+    with pytest.raises(llmopt.CaptureError) as caught:
+        llmopt.capture(BranchOnValues())
+    message = str(caught.value)
+    assert "could not capture BranchOnValues" in message
+    assert "GuardOnDataDependentSymNode" in message  # the cause: a data-dependent branch
+    assert f"{Path(__file__).name}:" in message and "in forward" in message  # where, in the model's code
+    assert "data-dependent Python control flow" in message  # what to try
