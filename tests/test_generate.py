@@ -1,0 +1,77 @@
+"""CompiledModel.generate: greedy equals transformers' greedy, seeded sampling, eos, context limits."""
+import pytest
+import torch
+from transformers import LlamaConfig
+
+import llmopt
+from llmopt.testing import build_model
+
+EOS = 1
+
+
+@pytest.fixture(scope="module")
+def model_and_compiled():
+    config = LlamaConfig(
+        vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=40, attention_dropout=0.0,
+        bos_token_id=0, eos_token_id=EOS, pad_token_id=None,
+    )
+    model = build_model(config, seed=7)
+    return model, llmopt.compile(model, backend="torch")
+
+
+PROMPT = torch.tensor([[5, 9, 13, 2, 30], [7, 7, 21, 40, 3]])  # [2, 5]
+
+
+def test_greedy_equals_transformers_greedy(model_and_compiled):
+    model, cm = model_and_compiled
+    with torch.no_grad():
+        expected = model.generate(PROMPT, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=EOS)
+    got = cm.generate(PROMPT, max_new_tokens=12)
+    assert got.shape == (2, 17)
+    assert torch.equal(got, expected)
+
+
+def test_sampling_with_a_seeded_generator_is_reproducible(model_and_compiled):
+    _, cm = model_and_compiled
+
+    def sample(seed):
+        return cm.generate(PROMPT, max_new_tokens=10, do_sample=True, temperature=1.5, generator=torch.Generator().manual_seed(seed))
+
+    first, again, other = sample(0), sample(0), sample(1)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)  # 20 draws at temperature 1.5 over 48 tokens: a tie is ~impossible
+    assert torch.equal(first[:, :5], PROMPT)
+
+
+def test_top_k_one_sampling_is_greedy(model_and_compiled):
+    _, cm = model_and_compiled
+    sampled = cm.generate(PROMPT, max_new_tokens=8, do_sample=True, top_k=1, temperature=3.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sampled, cm.generate(PROMPT, max_new_tokens=8))
+
+
+def test_eos_stops_each_sequence_and_pads_after_it(model_and_compiled):
+    _, cm = model_and_compiled
+    greedy = cm.generate(PROMPT, max_new_tokens=12)[:, 5:]  # [2, 12] the continuations
+    eos = int(greedy[0, 3])
+    stop = int((greedy[0] == eos).nonzero()[0])  # its first occurrence in row 0, at most 3
+    assert eos not in greedy[1]  # row 1 never emits it, so it must run on to the end
+    alone = cm.generate(PROMPT[:1], max_new_tokens=12, eos_token_id=eos)
+    assert torch.equal(alone[0, 5:], greedy[0, : stop + 1])  # up to and including eos, then stop
+
+    both = cm.generate(PROMPT, max_new_tokens=12, eos_token_id=eos)[:, 5:]
+    assert torch.equal(both[0, : stop + 1], greedy[0, : stop + 1])
+    assert (both[0, stop + 1 :] == eos).all()  # a finished row is padded with eos
+    assert torch.equal(both[1], greedy[1])
+
+
+def test_prompt_longer_than_the_context_is_refused(model_and_compiled):
+    _, cm = model_and_compiled
+    too_long = torch.zeros(1, 41, dtype=torch.long)
+    with pytest.raises(llmopt.LlmoptError, match="the prompt has 41 tokens but the model's context is 40"):
+        cm(too_long)
+    with pytest.raises(llmopt.LlmoptError, match=r"prompt \(41 tokens\) \+ max_new_tokens \(1\) exceeds the model's context of 40"):
+        cm.generate(too_long, max_new_tokens=1)
+    with pytest.raises(llmopt.LlmoptError, match=r"prompt \(30 tokens\) \+ max_new_tokens \(11\) exceeds"):
+        cm.generate(torch.zeros(1, 30, dtype=torch.long), max_new_tokens=11)
+    assert cm.generate(torch.zeros(1, 30, dtype=torch.long), max_new_tokens=10).shape == (1, 40)  # exactly fits
