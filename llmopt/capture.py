@@ -213,7 +213,11 @@ def _weight_name(target: str) -> str:
 
 
 def _canonicalize_conv1d(program: Program):
-    """addmm(bias, x2d, W[in, out]) with W a weight -> linear(x2d, Wᵀ, bias): one linear form for all."""
+    """addmm(bias, x2d, W[in, out]) with W a weight -> linear(x, Wᵀ, bias): one linear form for all.
+
+    GPT-2's Conv1D flattens x to 2-D for addmm and views the result back; when both views are there,
+    the linear takes x itself and the views disappear, so patterns (LoRA over Conv1D) see one linear.
+    """
     aten = torch.ops.aten
     for node in list(program.graph.nodes):
         if node.op != "call_function" or node.target != aten.addmm.default:
@@ -224,12 +228,28 @@ def _canonicalize_conv1d(program: Program):
         transposed = program.add_weight(
             weight.target + "_t", program.get_weight(weight).t().contiguous(), like=weight, weight_name=weight.meta["weight_name"]
         )
+        source, result = _unflattened(x, node)
         with program.graph.inserting_before(node):
-            linear = program.graph.call_function(aten.linear.default, (x, transposed, bias))
-        linear.meta.update(node.meta)
-        node.replace_all_uses_with(linear)
-        program.graph.erase_node(node)
+            linear = program.graph.call_function(aten.linear.default, (source, transposed, bias))
+        linear.meta.update(result.meta)
+        result.replace_all_uses_with(linear)
+        for dead in (result, node) if result is not node else (node,):
+            program.graph.erase_node(dead)
     program.remove_unused_weights()
+
+
+def _unflattened(x2d, addmm):
+    """(x, view_back) when x2d = view(x, [-1, K]) and addmm's only use views it back to x's leading
+    dims; else (x2d, addmm)."""
+    views = (torch.ops.aten.view.default, torch.ops.aten.reshape.default)
+    users = list(addmm.users)
+    if not (x2d.op == "call_function" and x2d.target in views and len(users) == 1 and users[0].target in views):
+        return x2d, addmm
+    x, back = x2d.args[0], users[0]
+    lead_in, lead_out = x.meta["val"].shape[:-1], back.meta["val"].shape[:-1]
+    if len(lead_in) == len(lead_out) and all(str(a) == str(b) for a, b in zip(lead_in, lead_out)):
+        return x, back
+    return x2d, addmm
 
 
 def _unshare_weights(gm: GraphModule):

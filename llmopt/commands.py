@@ -61,6 +61,8 @@ def compile(args):
     cm = llmopt.compile(model, passes=passes, calibration=calibration, backend="torch")
     print(cm.report())
     cm.save(args.out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(args.out)  # so `llmopt generate OUT` and `llmopt eval OUT` work on their own
     print(f"saved to {args.out}")
 
 

@@ -66,13 +66,20 @@ class Pattern:
     def apply(self, program) -> int:
         """Rewrite every non-overlapping match; returns how many were rewritten."""
         count = 0
+        replaced = {}  # graph node -> the node that now stands for it (a match's input may be an earlier match's output)
+
+        def current(value):
+            while isinstance(value, Node) and value in replaced:
+                value = replaced[value]
+            return value
+
         for match in self.matches(program):
-            if any(n.graph is None or n not in match.output.graph.nodes for n in match.nodes.values()):
-                continue  # a previous rewrite in this round removed part of it
+            match.inputs = {name: current(v) for name, v in match.inputs.items()}
             with program.graph.inserting_before(match.output):
                 new = self._splice(program, match)
             new.meta.update({k: v for k, v in match.output.meta.items() if k == "val"})
             match.output.replace_all_uses_with(new)
+            replaced[match.output] = new
             count += 1
         if count:
             program.graph.eliminate_dead_code()

@@ -138,10 +138,6 @@ def test_merge_lora_merges_every_adapter(family, data):
     assert_equivalent(merged, model, input_ids, rtol=TOL, atol=TOL)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "core bug: MergeLoRA's pattern needs linear(x, W) and the LoRA pair on the same x, but GPT-2's "
-    "canonicalized Conv1D is view(linear(view(x, [-1, K]), Wt, b), [B, T, N]); lora_merged is 0 and the "
-    "lora weights stay. Fix: a pattern through the views (or canonicalize Conv1D without the 2-D view)"))
 def test_merge_lora_merges_gpt2_conv1d_adapters():
     """GPT-2's Conv1D runs on a [B*T, K] view of x and is viewed back, while peft's branch reads x."""
     config = GPT2Config(vocab_size=50, n_embd=32, n_inner=64, n_layer=1, n_head=2, n_positions=64,

@@ -72,10 +72,6 @@ def test_traced_replacement_rewrites_every_match(toy_program):
     assert Pattern(times_one, same, extra_check=literal_is_one).apply(toy_program) == 0  # nothing left
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "core bug: Pattern.apply splices each match with the inputs found before any rewrite, so the outer "
-    "match of x*1.0*1.0 reads the inner mul it just replaced, which then survives DCE; apply returns 2 "
-    "with one mul left. Fix: map match inputs through the replacements made so far in this round"))
 def test_chained_matches_are_all_rewritten():
     """In (x * 1.0) * 1.0 the outer match's input is the inner match's output, which the first rewrite
     replaces: the second rewrite must read the replacement, not resurrect the replaced node."""
