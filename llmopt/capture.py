@@ -160,7 +160,7 @@ def _example_inputs(model, example_inputs, max_len):
 def _explain_export_failure(model, err) -> str:
     name = type(model).__name__
     frames = traceback.extract_tb(err.__traceback__)
-    user_frames = [f for f in frames if "torch/" not in f.filename]
+    user_frames = [f for f in frames if "torch/" not in f.filename and "/llmopt/" not in f.filename]
     where = f" (last model frame: {user_frames[-1].filename}:{user_frames[-1].lineno} in {user_frames[-1].name})" if user_frames else ""
     first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     op = re.search(r"(aten\.\w+|torch\.ops\.[\w.]+)", str(err))

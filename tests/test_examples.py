@@ -41,11 +41,11 @@ def test_custom_pass_property_test():
 
 @pytest.mark.parametrize("example", ["custom_pass.py", "property_test_custom_pass.py"])
 def test_docs_quote_the_examples_verbatim(example):
-    """Every multi-line Python block of docs/custom_pass.md that defines something is code from an example."""
-    doc = (ROOT / "docs" / "custom_pass.md").read_text()
+    """Every multi-line Python block of README.md that defines something is code from an example."""
+    doc = (ROOT / "README.md").read_text()
     source = (ROOT / "examples" / example).read_text()
     blocks = [b for b in re.findall(r"```python\n(.*?)```", doc, flags=re.S) if re.search(r"^(def|class|@given)", b, flags=re.M)]
     quoted = [b for b in blocks if b.strip().splitlines()[0] in source]
-    assert quoted, f"docs/custom_pass.md quotes nothing from {example}"
+    assert quoted, f"README.md quotes nothing from {example}"
     for block in quoted:
-        assert block.strip() in source, f"docs/custom_pass.md drifted from examples/{example}:\n{block}"
+        assert block.strip() in source, f"README.md drifted from examples/{example}:\n{block}"
