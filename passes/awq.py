@@ -1,0 +1,249 @@
+"""`AWQ(bits=4, group_size=128, grid=20, symmetric=False, max_rows=4096, include_lm_head=False)`:
+activation-aware weight quantization (Lin et al. 2023) into `torch.ops.llmopt.linear_wq`. Lossy.
+
+For each input group (`llmopt.producers.input_groups`: q/k/v after the attention norm, gate/up after
+the MLP norm, v→o when its channel map is one-to-one, up→down, fc1→fc2 through ReLU; an 'other'
+producer such as GELU gets an inserted scale node):
+1. search s = mean|x|^α, α ∈ {0, 1/grid, ..., 1}, by the group's quantized output error
+   (`compress.search_awq_scales`; α = 0 is RTN) and fold it exactly (`producers.fold_scales`);
+   a 'linear' producer whose map is not one-to-one (v→o under GQA) is not scaled;
+2. per linear, search the clip ratio of every weight group on x / s (`compress.search_awq_clip`);
+3. quantize as RTN does, with that clip (`compress.quantize_groups`); the linears become
+   `linear_wq` at the end (`rtn.to_linear_wq`), holding their dequantized weights until then.
+
+Calibration runs layer by layer, in one staged pass over the calibration chunks rather than one
+calibrator run per layer (L forward passes) or one run sampling every group up front (which can't
+see the earlier layers' changes). A stage is the groups that must change together (v→o folds into
+v, so q/k/v and o form one stage unless o is not scaled); it starts at the first node its changes
+touch. Per chunk only the values live at the current cut are kept (residual stream, RoPE tables,
+mask: one layer's worth). For each stage:
+a. advance: run every chunk from the cut to the stage's start, with the earlier stages already
+   quantized, so later layers are calibrated on the model as it will run (the AWQ paper's layer-
+   sequential order; like AutoAWQ but with quantized, not float, earlier layers);
+b. sample: run on to the stage's inputs, keeping at most `max_rows` rows per group, drawn evenly
+   from every chunk (the searches subsample to that many anyway);
+c. search, fold, clip and quantize the stage's linears.
+Each node runs once per chunk, the stages' own segments twice: about 1.5 forward passes in all.
+NaN/Inf calibration activations raise a PassError; on any failure the Program is restored as it was
+before the pass (weights are replaced, never written in place, so the restore copies no tensor).
+"""
+from dataclasses import dataclass
+
+import torch
+from torch.fx import GraphModule, Node
+
+from llmopt.errors import PassError
+from llmopt.passes.compress.awq import MAX_TOKENS, search_awq_clip, search_awq_scales
+from llmopt.passes.compress.rtn import quantize_groups
+from llmopt.passes.rtn import (
+    all_finite,
+    check_bits,
+    check_finite,
+    check_group_quantizable,
+    checked_calibration,
+    linear_targets,
+    to_linear_wq,
+)
+from llmopt.passes_api import Pass, PassResult
+from llmopt.producers import fold_scales, input_groups
+
+
+@dataclass
+class Stage:
+    groups: list  # [InputGroup], in graph order
+    start: Node  # the first node whose value the stage's folds or quantization change
+
+
+def scalable(group) -> bool:
+    """Whether s can be folded: into a norm or a one-to-one producer, or as an inserted scale node."""
+    return group.kind == "other" or group.foldable
+
+
+def plan_stages(program, groups, targets) -> list:
+    """Groups -> [Stage] with non-decreasing starts; a group whose fold rescales a linear that an
+    earlier stage quantizes joins that stage (with every stage in between)."""
+    order = {n: i for i, n in enumerate(program.graph.nodes)}
+    stages, owner = [], {}  # owner: linear node -> index of the stage that quantizes it
+    for g in sorted(groups, key=lambda g: order[g.value]):
+        producer = g.producer.node if g.kind == "linear" and g.foldable else None
+        if producer in owner:
+            j = owner[producer]
+            stages[j:] = [[h for stage in stages[j:] for h in stage]]
+            owner = {n: min(i, j) for n, i in owner.items()}
+        else:
+            stages.append([])
+        stages[-1].append(g)
+        owner.update({c.node: len(stages) - 1 for c in g.consumers if c.node in targets})
+    starts = [min((n for g in stage for n in _touched(g)), key=order.__getitem__) for stage in stages]
+    i = 1
+    while i < len(stages):  # a stage starting before its predecessor would change values already kept
+        if order[starts[i]] < order[starts[i - 1]]:
+            stages[i - 1] += stages.pop(i)
+            starts[i - 1] = starts.pop(i)
+            i = max(i - 1, 1)
+        else:
+            i += 1
+    return [Stage(stage, start) for stage, start in zip(stages, starts)]
+
+
+def _touched(group) -> list:
+    """Nodes whose values change when the group is scaled and quantized."""
+    weights = [c.weight for c in group.consumers]
+    if group.kind == "norm":
+        weights += [group.norm.weight, group.norm.bias]
+    elif group.foldable:
+        weights += [group.producer.weight, group.producer.bias]
+    nodes = [user for w in weights if w is not None for user in w.users]
+    return nodes + ([group.value] if group.kind == "other" else [])  # the scale node goes right after it
+
+
+class StagedRun:
+    """The Program run over the calibration chunks in segments, keeping per chunk only the values
+    live at the cut (the first node not yet run)."""
+
+    def __init__(self, program, calibration):
+        self.program = program
+        ids_node, pos_node = program.nodes("placeholder")
+        self.envs = []
+        for batch in calibration.batches:
+            for ids in batch.split(calibration.batch_size):  # ids: [b, T]
+                ids = ids.to(program.device)
+                pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids).contiguous()
+                self.envs.append({ids_node: ids, pos_node: pos})
+        self.cut = next(iter(program.graph.nodes))
+
+    def advance(self, start: Node) -> None:
+        """Run every chunk up to (not including) `start`; keep the values used from `start` on."""
+        order, nodes = self._order()
+        segment = nodes[order[self.cut] : order[start]]
+        live = {n for n in nodes[: order[start]] if n.op != "get_attr" and any(order[u] >= order[start] for u in n.users)}
+        for i, env in enumerate(self.envs):
+            self.envs[i] = self._execute(env, segment, live)  # env is consumed
+        self.cut = start
+
+    def sample(self, values: dict, max_rows: int) -> dict:
+        """values: {node: name for messages} -> {node: [<= max_rows, K] fp32 rows}; the cut stays."""
+        order, nodes = self._order()
+        segment = nodes[order[self.cut] : max(order[v] for v in values) + 1]
+        per_chunk = -(-max_rows // len(self.envs))
+        gen = torch.Generator().manual_seed(0)
+        rows = {v: [] for v in values}
+        for env in self.envs:
+            computed = self._execute(dict(env), segment, set(values))
+            for v, name in values.items():
+                x = computed[v].reshape(-1, computed[v].shape[-1])  # [tokens, K]
+                if not all_finite(x):
+                    raise PassError(
+                        f"AWQ: calibration activations at node {v.name} (the input of {name}) contain NaN or Inf: "
+                        "check the model's weights and dtype (fp16 overflow? try float32 or bfloat16); the Program is left unchanged"
+                    )
+                pick = torch.randperm(x.shape[0], generator=gen)[:per_chunk].to(x.device)
+                rows[v].append(x[pick].float())
+        return {v: torch.cat(r)[:max_rows] for v, r in rows.items()}
+
+    def _order(self):
+        nodes = list(self.program.graph.nodes)
+        return {n: i for i, n in enumerate(nodes)}, nodes
+
+    def _execute(self, values: dict, segment: list, keep: set) -> dict:
+        """Run `segment` on one chunk's `values` (consumed) -> {node: value} of the nodes in `keep`.
+        A value is dropped after its last use in the segment, as eager mode does, so memory holds
+        little more than what is live."""
+        last_use = {a: i for i, n in enumerate(segment) for a in n.all_input_nodes}
+        values.update({n: self.program.get_weight(n) for n in self.program.nodes("get_attr")})
+        with torch.no_grad():
+            for i, n in enumerate(segment):
+                if n.op == "call_function":
+                    args, kwargs = torch.fx.node.map_arg((n.args, n.kwargs), values.__getitem__)
+                    values[n] = n.target(*args, **kwargs)
+                for a in n.all_input_nodes:
+                    if last_use[a] == i and a not in keep:
+                        del values[a]
+        return {n: values[n] for n in keep}
+
+
+def _snapshot(program) -> GraphModule:
+    """The Program's graph (copied) over its current weight tensors (shared, not copied)."""
+    root = torch.nn.Module()
+    for name, tensor in program.weights().items():
+        root.register_buffer(name, tensor)
+    graph = torch.fx.Graph()
+    graph.output(graph.graph_copy(program.graph, {}))
+    return GraphModule(root, graph)
+
+
+class AWQ(Pass):
+    """Activation-aware scaling, clip search and group quantization; see the module docstring."""
+
+    exact = False
+    needs_calibration = True
+    once = True
+
+    def __init__(self, bits: int = 4, group_size: int = 128, grid: int = 20, symmetric: bool = False,
+                 max_rows: int = MAX_TOKENS, include_lm_head: bool = False):
+        check_bits(bits, "AWQ")
+        if grid < 1 or max_rows < 1:
+            raise PassError(f"AWQ: grid={grid} and max_rows={max_rows} must be >= 1 (defaults 20 and {MAX_TOKENS})")
+        self.bits, self.group_size, self.grid, self.symmetric = bits, group_size, grid, symmetric
+        self.max_rows, self.include_lm_head = max_rows, include_lm_head
+
+    def check(self, program, calibration):
+        super().check(program, checked_calibration(calibration, self.name))
+        targets = linear_targets(program, self.include_lm_head, self.name)
+        check_finite(program, targets, self.name)
+        check_group_quantizable(program, targets, self.bits, self.group_size, self.name)
+
+    def apply(self, program, calibration):
+        calibration = checked_calibration(calibration, self.name)
+        targets = {lin.node for lin in linear_targets(program, self.include_lm_head, self.name)}
+        groups = [g for g in input_groups(program, self.include_lm_head) if any(c.node in targets for c in g.consumers)]
+        backup, finished = _snapshot(program), False
+        scaled, quantized = [], []  # scaled: [(InputGroup, alpha)]; quantized: [(Linear, QuantizedWeight)]
+        try:
+            run = StagedRun(program, calibration)
+            for stage in plan_stages(program, groups, targets):
+                run.advance(stage.start)
+                rows = run.sample({g.value: g.name for g in stage.groups}, self.max_rows)
+                scaled += self._quantize_stage(program, stage, rows, targets, quantized)
+            for lin, qw in quantized:
+                to_linear_wq(program, lin, qw)
+            program.remove_unused_weights()
+            program.recompile()
+            finished = True
+        except ValueError as err:  # from the searches, e.g. a non-finite error: refused like bad input
+            raise PassError(f"AWQ: {err}") from err
+        finally:
+            if not finished:
+                program.gm = backup  # whatever failed, the Program is left as it was
+        stats = {
+            "linears_quantized": len(quantized),
+            "groups_scaled": sum(1 for _, alpha in scaled if alpha > 0),
+            "scale_nodes_inserted": sum(1 for g, alpha in scaled if alpha > 0 and g.kind == "other"),
+            "alphas": [alpha for _, alpha in scaled],
+        }
+        return PassResult(program, bool(quantized), stats)
+
+    def _quantize_stage(self, program, stage, rows, targets, quantized: list) -> list:
+        """Scale every group of the stage (folding s unless the search picked α = 0, i.e. s = 1), then
+        clip-search and quantize its linears; each gets its dequantized weight (what linear_wq computes
+        with: later stages are calibrated on the quantized model without the op's per-call unpacking)
+        and an entry in `quantized`. -> [(group, α)] of the groups searched."""
+        inputs, scaled = [], []  # inputs: [(Linear, x [n, K] as the linear now sees it)]
+        for g in stage.groups:
+            x = rows[g.value]  # [n, K]
+            mine = [c for c in g.consumers if c.node in targets]
+            if scalable(g):
+                weights = [program.get_weight(c.weight) for c in mine]
+                found = search_awq_scales(x, weights, self.bits, self.group_size, self.grid, self.symmetric, self.max_rows)
+                if found.alpha > 0:
+                    fold_scales(program, g, found.scales)
+                    x = x / found.scales.to(x.device)
+                scaled.append((g, found.alpha))
+            inputs += [(c, x) for c in mine]
+        for lin, x in inputs:  # after every fold: v's weight is final only once o's s is folded into it
+            w = program.get_weight(lin.weight)
+            clip = search_awq_clip(x, w, self.bits, self.group_size, symmetric=self.symmetric, max_tokens=self.max_rows)
+            qw = quantize_groups(w, self.bits, self.group_size, self.symmetric, clip)
+            program.set_weight(lin.weight, qw.dequantize())
+            quantized.append((lin, qw))
+        return scaled
