@@ -33,7 +33,7 @@ class ChannelStats:
 
 class Calibration:
     def __init__(self, batches, batch_size: int = 8, progress: bool = True):
-        self.batches = batches  # [LongTensor [n, T]]
+        self.batches = _token_batches(batches)  # [LongTensor [n, T]]
         self.batch_size = batch_size
         self.progress = progress
 
@@ -42,15 +42,7 @@ class Calibration:
         """None, a Calibration, a LongTensor [N, T] or a list of them -> Calibration or None."""
         if data is None or isinstance(data, Calibration):
             return data
-        tensors = [data] if isinstance(data, torch.Tensor) else list(data)
-        if not tensors or any(not isinstance(t, torch.Tensor) for t in tensors):
-            raise PassError("calibration must be a LongTensor [N, T] of token ids or a non-empty list of them")
-        tensors = [t.unsqueeze(0) if t.dim() == 1 else t for t in tensors]
-        for t in tensors:
-            if t.dtype not in (torch.int64, torch.int32) or t.dim() != 2 or t.numel() == 0:
-                raise PassError(f"calibration tensors must be non-empty integer token ids [N, T]; got {t.dtype} {list(t.shape)}")
-        return cls(tensors)
-
+        return cls(data)
     def _chunks(self):
         for t in self.batches:
             for start in range(0, t.shape[0], self.batch_size):
@@ -112,3 +104,15 @@ class Calibration:
                 ids = ids.to(device)
                 pos = torch.arange(ids.shape[1], device=device).expand_as(ids)
                 recorder.run(ids, pos)
+
+
+def _token_batches(data) -> list:
+    """A LongTensor [N, T] (or [T]) or a list of them -> [LongTensor [n, T]], validated."""
+    tensors = [data] if isinstance(data, torch.Tensor) else list(data)
+    if not tensors or any(not isinstance(t, torch.Tensor) for t in tensors):
+        raise PassError("calibration must be a LongTensor [N, T] of token ids or a non-empty list of them")
+    tensors = [t.unsqueeze(0) if t.dim() == 1 else t for t in tensors]
+    for t in tensors:
+        if t.dtype not in (torch.int64, torch.int32) or t.dim() != 2 or t.numel() == 0:
+            raise PassError(f"calibration tensors must be non-empty integer token ids [N, T]; got {t.dtype} {list(t.shape)}")
+    return tensors

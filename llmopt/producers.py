@@ -21,6 +21,8 @@ from typing import Optional
 import torch
 from torch.fx import Node
 
+from llmopt.errors import PassError
+
 from llmopt.roles import ATTENTION_OPS, CAST_OPS, LAYOUT_OPS, Linear, Norm, _llmopt, find_norms, linear_parts
 
 aten = torch.ops.aten
@@ -49,7 +51,7 @@ class InputGroup:
         """Whether scales can be folded into the producer (else a scale node is inserted)."""
         if self.kind == "norm":
             return True
-        if self.kind == "linear" and self.channel_map is not None:
+        if self.kind == "linear" and self.channel_map is not None and self.producer.kind == "dense":
             return bool(self.channel_map.unique().numel() == self.channel_map.numel())
         return False
 
@@ -156,6 +158,9 @@ def _probe_channel_maps(program, groups):
 
 def fold_scales(program, group: InputGroup, s: torch.Tensor):
     """Divide the producer's output channels by s [K] and multiply consumers' input columns by s."""
+    quantized = [lin.name for lin in group.consumers + ([group.producer] if group.producer is not None else []) if lin.kind != "dense"]
+    if quantized:
+        raise PassError(f"cannot fold scales into quantized linears ({', '.join(quantized)}): run Smooth/AWQ before quantizing")
     s = s.detach().float().to(program.device)
     if group.kind == "norm":
         norm = group.norm

@@ -6,7 +6,6 @@ the pair's output scaled by a constant, added to the linear's output.
 """
 import torch
 
-from llmopt.errors import PassError
 from llmopt.passes_api import Pass, PassResult
 from llmopt.pattern import Pattern
 
@@ -22,19 +21,19 @@ def lora_with_bias(x, w, bias, a, b):
 
 
 def _low_rank_weights(program, match) -> bool:
-    """The pair must be weights with A: [r, K], B: [N, r], r < min(N, K), and W a weight of [N, K]."""
+    """The pair must be weights with A: [r, K], B: [N, r], r < min(N, K), W a weight of [N, K], and the
+    scale a constant (a branch scaled by a tensor is not a LoRA branch to merge)."""
     w, a, b = (match.inputs[k] for k in ("w", "a", "b"))
     if any(n.op != "get_attr" for n in (w, a, b)):
         return False
     (n, k), (r, k2), (n2, r2) = (program.get_weight(x).shape for x in (w, a, b))
-    return k == k2 and n == n2 and r == r2 and r < min(n, k)
+    constant_scale = isinstance(match.literal("mul", 1), (int, float))
+    return k == k2 and n == n2 and r == r2 and r < min(n, k) and constant_scale
 
 
 def _merged_linear(program, match):
     w, a, b = (match.inputs[k] for k in ("w", "a", "b"))
     scale = match.literal("mul", 1)
-    if not isinstance(scale, (int, float)):
-        raise PassError(f"MergeLoRA: the LoRA scale at node {match.node('mul').name} is not a constant")
     weight = program.get_weight(w)
     delta = scale * (program.get_weight(b).float() @ program.get_weight(a).float())  # [N, K]
     merged = program.add_weight(w.target + "_merged", (weight.float() + delta).to(weight.dtype), like=w, weight_name=w.meta.get("weight_name"))
