@@ -25,6 +25,7 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=128, help="calibration windows")
     p.add_argument("--seq-len", type=int, default=512, help="calibration window length")
     p.add_argument("--out", required=True, help="directory to write the compiled model to")
+    p.add_argument("--dump-kernels", metavar="DIR", help="also write the generated Triton kernels there, one file a kernel")
 
     p = sub.add_parser("generate", help="generate text from a model or a compiled-model directory")
     p.add_argument("model_dir")

@@ -64,6 +64,11 @@ def compile(args):
     if tokenizer is not None:
         tokenizer.save_pretrained(args.out)  # so `llmopt generate OUT` and `llmopt eval OUT` work on their own
     print(f"saved to {args.out}")
+    if args.dump_kernels:
+        from llmopt.codegen.fusion import dump_kernels
+
+        paths = dump_kernels(cm.program, args.dump_kernels)
+        print(f"wrote {len(paths)} generated kernels to {args.dump_kernels}")
 
 
 def generate(args):
