@@ -56,13 +56,11 @@ class LoweredProgram:
         self.general_gm = _lowered_graph(program, causal_positions=False, fuse=fuse)
 
     def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor = None) -> torch.Tensor:
-        with torch.no_grad():
-            if position_ids is None:
-                pos = torch.arange(input_ids.shape[-1], device=input_ids.device).expand_as(input_ids)
-                out = self.causal_gm(input_ids, pos)
-            else:
-                out = self.general_gm(input_ids, position_ids.contiguous())
-        return out[0] if isinstance(out, (tuple, list)) else out
+        from llmopt.program import run_logits
+
+        if position_ids is None:
+            return run_logits(self.causal_gm, input_ids)
+        return run_logits(self.general_gm, input_ids, position_ids)
 
     def dump_kernels(self, directory) -> list:
         """Write the generated kernels' source, one file a kernel; returns the paths."""

@@ -160,11 +160,7 @@ class Program:
     # ---- execution ---------------------------------------------------------------------------------
     def run(self, input_ids: torch.Tensor, position_ids: torch.Tensor = None) -> torch.Tensor:
         """input_ids: [B, T] -> logits [B, T, V]."""
-        if position_ids is None:
-            position_ids = torch.arange(input_ids.shape[-1], device=input_ids.device).expand_as(input_ids)
-        with torch.no_grad():
-            out = self.gm(input_ids, position_ids.contiguous())
-        return out[0] if isinstance(out, (tuple, list)) else out
+        return run_logits(self.gm, input_ids, position_ids)
 
     __call__ = run
 
@@ -226,6 +222,15 @@ class Program:
 
     def __repr__(self):
         return f"Program({len(self.graph.nodes)} nodes, {len(self.linears())} linears, {self.parameter_bytes() / 1e6:.1f} MB of weights)"
+
+
+def run_logits(gm: GraphModule, input_ids: torch.Tensor, position_ids: torch.Tensor = None) -> torch.Tensor:
+    """Run a captured graph: input_ids [B, T] (positions 0..T-1 unless given) -> logits [B, T, V]."""
+    if position_ids is None:
+        position_ids = torch.arange(input_ids.shape[-1], device=input_ids.device).expand_as(input_ids)
+    with torch.no_grad():
+        out = gm(input_ids, position_ids.contiguous())
+    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 class _FakePropagation(torch.fx.Interpreter):

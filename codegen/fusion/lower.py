@@ -37,11 +37,9 @@ class FusedProgram:
 
     def run(self, input_ids: torch.Tensor, position_ids: torch.Tensor = None) -> torch.Tensor:
         """input_ids: [B, T] -> logits [B, T, V], as `Program.run`."""
-        if position_ids is None:
-            position_ids = torch.arange(input_ids.shape[-1], device=input_ids.device).expand_as(input_ids)
-        with torch.no_grad():
-            out = self.gm(input_ids, position_ids.contiguous())
-        return out[0] if isinstance(out, (tuple, list)) else out
+        from llmopt.program import run_logits
+
+        return run_logits(self.gm, input_ids, position_ids)
 
     __call__ = run
 
