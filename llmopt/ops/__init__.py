@@ -2,7 +2,7 @@
 
 Each op has a fake (shape) implementation and a plain-PyTorch reference implementation that runs on
 any device; the reference is the oracle every Triton kernel is tested against. Codegen swaps these
-ops for its kernels when it lowers a Program (`llmopt.codegen.KERNELS`); nothing is registered
+ops for its kernels when it lowers a Program (`llmopt.codegen.lower`); nothing is registered
 globally, so `backend="torch"` always runs the reference.
 
 Ops:
