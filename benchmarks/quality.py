@@ -130,8 +130,8 @@ def run_rows(args) -> dict:
 def table(rows: dict, args) -> str:
     fp32 = {m: rows[(m, "FP32")]["ppl"] for m in MODELS if (m, "FP32") in rows}
     lines = [
-        "| recipe | ppl | × FP32 | ppl, outliers | × FP32, outliers | MB of weights | compile s (ref / outl.) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| recipe | ppl | × FP32 | ppl, outliers | × FP32, outliers | MB of weights | compile s (ref / outl.) | eval s (ref / outl.) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for recipe in [r for r in RECIPES if r in args.rows]:
         cells = []
@@ -140,8 +140,8 @@ def table(rows: dict, args) -> str:
             cells += [f"{row['ppl']:.3f}", f"{row['ppl'] / fp32[m]:.4f}"] if row and m in fp32 else ["-", "-"]
         rs = [rows.get((m, recipe)) for m in MODELS]
         size = f"{rs[0]['bytes'] / 1e6:.1f}" if rs[0] else "-"
-        times = " / ".join(f"{r['compile_s']:.1f}" if r else "-" for r in rs)
-        lines.append(f"| {recipe} | " + " | ".join(cells) + f" | {size} | {times} |")
+        times = [" / ".join(f"{r[key]:.1f}" if r else "-" for r in rs) for key in ("compile_s", "eval_s")]
+        lines.append(f"| {recipe} | " + " | ".join(cells + [size] + times) + " |")
     return "\n".join(lines)
 
 
@@ -187,13 +187,13 @@ def code_version() -> str:
     return done.stdout.strip() or "unknown"
 
 
-def report(rows: dict, args, wall_s: float) -> str:
+def report(rows: dict, args, wall_s: float, version: str) -> str:
     n_windows = {r["n_windows"] for r in rows.values()}
     awq = rows.get(("reference", "AWQ w4g128"))
     lines = [
         f"### {datetime.date.today()}: ref-llama-12m, WikiText-2 test, {'/'.join(map(str, sorted(n_windows)))} windows of {WINDOW}",
         "",
-        f"`python benchmarks/quality.py {' '.join(sys.argv[1:])}` at {code_version()} on {hardware(args.device)}; "
+        f"`python benchmarks/quality.py {' '.join(sys.argv[1:])}` at {version} on {hardware(args.device)}; "
         f"{wall_s / 60:.0f} min for the rows measured in this run. Calibration: {args.samples} × {args.seq_len} tokens from "
         f"{', '.join(f.split('/')[0] for f in CALIBRATION_FILES)}. Outliers: `inject_outliers(channels={OUTLIERS['channels']}, factor={OUTLIERS['factor']:g})`.",
         "",
@@ -225,9 +225,9 @@ def main(argv=None):
         raise SystemExit(f"unknown rows {unknown}; choose from {list(RECIPES)}")
     args.rows = ["FP32"] + [r for r in args.rows if r != "FP32"]  # every ratio needs the FP32 row
     torch.manual_seed(0)
-    start = time.perf_counter()
+    start, version = time.perf_counter(), code_version()  # the code as it was when the rows were measured
     rows = run_rows(args)
-    text = report(rows, args, time.perf_counter() - start)
+    text = report(rows, args, time.perf_counter() - start, version)
     print(text)
     write_section(args.out, text)
     print(f"written to the Quality section of {args.out}")
