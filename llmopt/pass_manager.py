@@ -66,13 +66,7 @@ def _check_pass_list(passes, program, calibration):
     for i, p in enumerate(passes):
         if not isinstance(p, Pass):
             raise PassError(f"pass #{i} is {p!r}, not an llmopt Pass: build it, e.g. Smooth(alpha=0.5), not Smooth")
-        if p.needs_calibration and calibration is None:
-            raise PassError(f"{p.name} needs calibration data: pass calibration=<LongTensor [N, T] of token ids> (see llmopt.data.calibration_batches)")
-        for needed in p.requires:
-            if needed not in applied:
-                later = [q.name for q in passes[i + 1 :]]
-                hint = f"move {needed} before {p.name}" if needed in later else f"add {needed}(...) before {p.name}"
-                raise PassError(f"{p.name} needs {needed} to run before it: {hint} in the pass list")
-        if p.once and p.name in applied:
-            raise PassError(f"{p.name} appears twice (or was already applied); applying it twice would compound its changes")
+        problem = p.refusal(applied, calibration, later=tuple(q.name for q in passes[i + 1 :] if isinstance(q, Pass)))
+        if problem:
+            raise PassError(problem)
         applied.append(p.name)

@@ -40,13 +40,22 @@ class Pass:
 
     def check(self, program, calibration) -> None:
         """Refuse before anything changes: missing calibration, missing earlier pass, applied twice."""
+        problem = self.refusal([step["pass"] for step in program.recipe], calibration)
+        if problem:
+            raise PassError(problem)
+
+    def refusal(self, applied: list, calibration, later: tuple = ()) -> str:
+        """Why this pass cannot run after the passes named in `applied` ('' when it can); `later`
+        names the passes after it in a list, for the hint."""
         if self.needs_calibration and calibration is None:
-            raise PassError(f"{self.name} needs calibration data: pass calibration=<LongTensor [N, T] of token ids> (see llmopt.data.calibration_batches)")
+            return f"{self.name} needs calibration data: pass calibration=<LongTensor [N, T] of token ids> (see llmopt.data.calibration_batches)"
         for needed in self.requires:
-            if not program.applied(needed):
-                raise PassError(f"{self.name} needs {needed} to run before it: put {needed}(...) earlier in the pass list")
-        if self.once and program.applied(self.name):
-            raise PassError(f"{self.name} was already applied to this Program; applying it twice would compound its changes")
+            if needed not in applied:
+                hint = f"move {needed} before {self.name}" if needed in later else f"add {needed}(...) before {self.name}"
+                return f"{self.name} needs {needed} to run before it: {hint} in the pass list"
+        if self.once and self.name in applied:
+            return f"{self.name} appears twice (or was already applied); applying it twice would compound its changes"
+        return ""
 
     def apply(self, program, calibration) -> PassResult:
         raise NotImplementedError
