@@ -13,8 +13,8 @@ whole WikiText-2 test set (1475 windows; `--max-windows` for quick runs).
 Rows are measured one at a time and, with `--resume FILE`, appended to FILE as JSON lines (with the
 commit they were measured at); a rerun with the same FILE and settings skips the rows already there
 (the full table takes about 25 min on an idle 2-core CPU, hours when the CPU is shared).
-The markdown (date, command, hardware, table, target checks) goes at the end of the `## Quality`
-section of `--out` (benchmarks/RESULTS.md by default; the section is created if missing).
+The markdown (date, command, hardware, table, target checks) goes at the end of the section of `--out`
+whose heading starts `## Quality` (benchmarks/RESULTS.md by default; the section is created if missing).
 """
 import argparse
 import datetime
@@ -217,15 +217,15 @@ def report(rows: dict, args, awq_s: float) -> str:
 
 
 def write_section(path: Path, text: str):
-    """Put `text` at the end of the file's `## Quality` section (created at the end if missing)."""
+    """Put `text` at the end of the file's quality section (its heading starts `## Quality`; appended if missing)."""
     content = path.read_text() if path.exists() else "# llmopt benchmark results\n"
-    head, found, rest = content.partition("\n## Quality\n")
-    if not found:
+    start = content.find("\n## Quality")
+    if start < 0:
         path.write_text(content.rstrip("\n") + "\n\n## Quality\n\n" + text)
         return
-    end = rest.find("\n## ")
-    section, after = (rest, "") if end < 0 else (rest[: end + 1], rest[end + 1 :])
-    path.write_text(head + found + section.rstrip("\n") + "\n\n" + text + ("\n" + after if after else ""))
+    end = content.find("\n## ", start + 1)
+    end = len(content) if end < 0 else end + 1
+    path.write_text(content[:start].rstrip("\n") + "\n" + content[start:end].rstrip("\n") + "\n\n" + text + ("\n" + content[end:] if end < len(content) else ""))
 
 
 def main(argv=None):
