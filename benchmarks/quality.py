@@ -20,6 +20,7 @@ import argparse
 import datetime
 import json
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -201,7 +202,7 @@ def report(rows: dict, args, awq_s: float) -> str:
     lines = [
         f"### {datetime.date.today()}: ref-llama-12m, WikiText-2 test, {'/'.join(map(str, sorted(n_windows)))} windows of {WINDOW}",
         "",
-        f"`python benchmarks/quality.py {' '.join(sys.argv[1:])}` at {', '.join(versions)} on {hardware(args.device)}; "
+        f"`python benchmarks/quality.py {shlex.join(sys.argv[1:])}` at {', '.join(versions)} on {hardware(args.device)}; "
         f"the {len(rows)} rows took {row_s / 60:.0f} min (compile + eval). Calibration: {args.samples} × {args.seq_len} tokens from "
         f"{', '.join(f.split('/')[0] for f in CALIBRATION_FILES)}. Outliers: `inject_outliers(channels={OUTLIERS['channels']}, factor={OUTLIERS['factor']:g})`. "
         "Seconds are wall time and grow when other jobs share the CPU: an unloaded full-set evaluation takes about the FP32 row's time.",
