@@ -95,7 +95,10 @@ def eval(args):
     from llmopt.recipe import parse_passes
 
     if _is_llmopt_dir(args.model_dir):
-        cm, tokenizer = llmopt.load(args.model_dir), _tokenizer(args.model_dir)
+        if args.passes or args.calibration:
+            raise LlmoptError(f"{args.model_dir} is an already compiled model: --passes/--calibration apply to a model "
+                              "directory; compile again from the original model instead")
+        cm, tokenizer = llmopt.load(args.model_dir, device=args.device), _tokenizer(args.model_dir)
     else:
         model, tokenizer = load_model(args.model_dir)
         if args.device:

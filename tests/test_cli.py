@@ -43,3 +43,12 @@ def test_errors_are_one_line(tmp_path, capsys):
     assert err.startswith("llmopt inspect: error:") and "is not a directory" in err and "\n" not in err
     assert main(["compile", str(tmp_path), "--passes", "nosuchpass", "--out", str(tmp_path / "o")]) == 1
     assert "config.json" in capsys.readouterr().err
+
+
+def test_eval_of_a_compiled_directory_refuses_passes(shared, tmp_path, capsys):
+    out = tmp_path / "compiled"
+    assert main(["compile", str(shared / "models" / "ref-llama-12m"), "--out", str(out)]) == 0
+    data = str(shared / "data" / "wikitext-2" / "test.txt")
+    assert main(["eval", str(out), "--data", data, "--max-windows", "2", "--passes", "rtn:bits=3"]) == 1
+    assert "already compiled" in capsys.readouterr().err
+    assert main(["eval", str(out), "--data", data, "--max-windows", "2", "--device", "cpu"]) == 0
