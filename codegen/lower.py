@@ -8,6 +8,8 @@ The Program itself is not changed: lowering copies its graph (sharing the weight
   into one kernel, scales and bias in the epilogue),
 - `llmopt.linear_wq` -> the W4A16 GEMM / split-K GEMV template,
 - `llmopt.attention` -> the FlashAttention template (GQA without repeating K/V),
+- `aten.linear` with a 2:4 sparse fp16/bf16 weight -> torch's semi-structured sparse matmul where the
+  GPU has one (`llmopt.codegen.sparse`; `self.sparse` says which linears and why not the others),
 - chains of pointwise ops and row reductions -> generated kernels (`llmopt.codegen.fusion`).
 Two graphs are kept. When the caller gives no `position_ids`, every row holds positions 0..T-1 and the
 attention mask transformers builds from them is exactly the causal mask, so the first graph calls the
@@ -18,6 +20,7 @@ import torch
 from torch.fx import GraphModule
 
 import llmopt.ops  # noqa: F401  (torch.ops.llmopt.*)
+from llmopt.codegen.sparse import use_semi_structured
 
 
 def _attention_causal(q, k, v, mask, scale, causal):
@@ -54,6 +57,7 @@ class LoweredProgram:
         self.program = program
         self.causal_gm = _lowered_graph(program, causal_positions=True, fuse=fuse)
         self.general_gm = _lowered_graph(program, causal_positions=False, fuse=fuse)
+        self.sparse = use_semi_structured(program, [self.causal_gm, self.general_gm])  # 2:4 linears (codegen/sparse.py)
 
     def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor = None) -> torch.Tensor:
         from llmopt.program import run_logits

@@ -59,13 +59,17 @@ class CompiledModel:
         return save(self, directory)
 
     def report(self) -> str:
-        """Passes run (time and stats of each) and parameter bytes before and after."""
+        """Passes run (time and stats of each), parameter bytes before and after, and with backend="triton"
+        which 2:4 sparse linears run on sparse kernels (and why the others do not)."""
         lines = [f"llmopt compiled model (backend: {self.backend})", "", "| pass | seconds | changed | stats |", "| --- | --- | --- | --- |"]
         for r in self.pass_records:
             stats = ", ".join(f"{k}={v}" for k, v in r.stats.items())
             lines.append(f"| {r.name} | {r.seconds:.3f} | {r.changed} | {stats} |")
         after = self.program.parameter_bytes()
         lines += ["", f"parameter bytes: {self.bytes_before / 1e6:.2f} MB before, {after / 1e6:.2f} MB after ({after / max(self.bytes_before, 1):.2%})"]
+        sparse = getattr(self._runner, "sparse", None)  # backend="triton": linears on 2:4 kernels (codegen/sparse.py)
+        if sparse is not None and sparse.summary():
+            lines += ["", sparse.summary()]
         return "\n".join(lines)
 
 

@@ -7,7 +7,7 @@ passes in `llmopt.passes` find the linears, gather calibration data and call the
 - `rtn`: `quantize_groups` -> `QuantizedWeight` (the `linear_wq` layout), `fake_quantize_groups`
 - `awq`: `search_awq_scales` -> `AwqScales(scales, alpha, errors)`, `search_awq_clip` -> clip ratios
 - `w8a8`: `quantize_weight_per_channel`, `smooth_scales`, `search_smooth_alpha`, `static_act_scale`
-- `prune`: `magnitude_scores`, `wanda_scores`, `prune_mask`, `to_semi_structured`
+- `prune`: `magnitude_scores`, `wanda_scores`, `prune_mask`, `is_2_4_sparse`, `to_semi_structured`
 - `lora`: `merge_lora`, `requantize_merged`
 
 Example (AWQ for the linears reading one input, then RTN with the searched clip):
@@ -19,7 +19,7 @@ Example (AWQ for the linears reading one input, then RTN with the searched clip)
 """
 from llmopt.passes.compress.awq import AwqScales, search_awq_clip, search_awq_scales
 from llmopt.passes.compress.lora import merge_lora, requantize_merged
-from llmopt.passes.compress.prune import magnitude_scores, prune_mask, to_semi_structured, wanda_scores
+from llmopt.passes.compress.prune import is_2_4_sparse, magnitude_scores, prune_mask, to_semi_structured, wanda_scores
 from llmopt.passes.compress.rtn import QuantizedWeight, fake_quantize_groups, quantize_groups
 from llmopt.passes.compress.w8a8 import (
     quantize_weight_per_channel,
@@ -32,6 +32,7 @@ __all__ = [
     "AwqScales",
     "QuantizedWeight",
     "fake_quantize_groups",
+    "is_2_4_sparse",
     "magnitude_scores",
     "merge_lora",
     "prune_mask",

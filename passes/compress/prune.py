@@ -10,6 +10,8 @@ Entry points:
     are pruned and M - N kept, as in Wanda's `prune_n:prune_m`. For 2:4 and 4:8 this is the same
     as NVIDIA's "2 of 4 kept"; for other N:M note that N counts the zeros. The pattern fixes the
     sparsity N/M; `sparsity` must then be left None or equal N/M.
+- `is_2_4_sparse(w)`: at most 2 nonzeros in every 4 consecutive inputs of each row (what torch's
+  semi-structured kernels need; lowerings check the weight itself rather than trusting a mark).
 - `to_semi_structured(w)`: a 2:4-pruned weight in torch's compressed layout
   (`torch.sparse.to_sparse_semi_structured`) on a CUDA device of compute capability >= 8.0;
   returns None on CPU (and on older GPUs), where torch has no semi-structured kernels.
@@ -82,6 +84,15 @@ def prune_mask(
     return keep.scatter_(2, order[..., :n_zero], False).reshape(n_rows, k)
 
 
+def is_2_4_sparse(w: torch.Tensor) -> bool:
+    """w: [N, K] -> True when K is a multiple of 4 and every 4 consecutive inputs of a row hold at most 2 nonzeros."""
+    _check_2d(w, "is_2_4_sparse")
+    if w.shape[1] % 4 != 0:
+        return False
+    nonzero_per_group = (w != 0).reshape(w.shape[0], -1, 4).sum(dim=-1)  # [N, K/4]
+    return not bool((nonzero_per_group > 2).any())
+
+
 def to_semi_structured(w: torch.Tensor):
     """w: [N, K] with at least 2 zeros in every 4 consecutive inputs -> torch's compressed 2:4 tensor.
 
@@ -92,8 +103,7 @@ def to_semi_structured(w: torch.Tensor):
     _check_2d(w, "to_semi_structured")
     if w.shape[1] % 4 != 0:
         raise ValueError(f"to_semi_structured: K={w.shape[1]} must be a multiple of 4")
-    nonzero_per_group = (w != 0).reshape(w.shape[0], -1, 4).sum(dim=-1)  # [N, K/4]
-    if bool((nonzero_per_group > 2).any()):
+    if not is_2_4_sparse(w):
         raise ValueError("to_semi_structured: w is not 2:4 sparse; apply prune_mask(..., pattern='2:4') first")
     if not w.is_cuda or torch.cuda.get_device_capability(w.device) < (8, 0):
         return None

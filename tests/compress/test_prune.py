@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmopt.passes.compress import magnitude_scores, prune_mask, to_semi_structured, wanda_scores
+from llmopt.passes.compress import is_2_4_sparse, magnitude_scores, prune_mask, to_semi_structured, wanda_scores
 
 
 def test_magnitude_scores_are_absolute_values():
@@ -114,6 +114,13 @@ def test_bad_scores_raise():
 def _two_four(n, k, dtype=torch.float32, device="cpu"):
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(0)).to(dtype).to(device)
     return w * prune_mask(magnitude_scores(w), pattern="2:4")
+
+
+def test_is_2_4_sparse_counts_nonzeros_per_group_of_four():
+    assert is_2_4_sparse(_two_four(8, 16))
+    assert is_2_4_sparse(torch.tensor([[0.0, 0.0, 0.0, 1.0, 2.0, 0.0, 3.0, 0.0]]))  # more zeros is fine
+    assert not is_2_4_sparse(torch.tensor([[1.0, 2.0, 0.0, 3.0]]))
+    assert not is_2_4_sparse(torch.zeros(2, 6))  # K not a multiple of 4
 
 
 def test_semi_structured_is_none_on_cpu():
