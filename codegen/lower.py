@@ -4,8 +4,9 @@ Entry point: `lower(program) -> LoweredProgram`, a callable `(input_ids [B, T], 
 -> logits [B, T, V]` that `llmopt.compile(..., backend="triton")` returns inside its CompiledModel.
 
 The Program itself is not changed: lowering copies its graph (sharing the weights) and swaps targets:
-- `llmopt.linear_w8a8` -> the int8 tensor-core GEMM template (per-token activation quantization fused
-  into one kernel, scales and bias in the epilogue),
+- `llmopt.linear_w8a8` -> one activation quantization per input (shared by q/k/v, by gate/up), which
+  generated kernels fuse into the RMSNorm or SiLU·mul making the input, and the int8 tensor-core GEMM
+  template per linear (scales and bias in the epilogue) (`llmopt.codegen.quantize_inputs`),
 - `llmopt.linear_wq` -> the W4A16 GEMM / split-K GEMV template,
 - `llmopt.attention` -> the FlashAttention template (GQA without repeating K/V),
 - `aten.linear` with a 2:4 sparse fp16/bf16 weight -> torch's semi-structured sparse matmul where the
@@ -44,7 +45,6 @@ def _templates(causal_positions: bool) -> dict:
     from llmopt.codegen import kernels
 
     return {
-        torch.ops.llmopt.linear_w8a8.default: kernels.linear_w8a8,
         torch.ops.llmopt.linear_wq.default: kernels.linear_wq,
         torch.ops.llmopt.attention.default: _attention_causal if causal_positions else _attention_masked,
     }
@@ -68,8 +68,6 @@ class LoweredProgram:
 
     def dump_kernels(self, directory) -> list:
         """Write the generated kernels' source, one file a kernel; returns the paths."""
-        from llmopt.codegen.fusion import dump_kernels
-
         return dump_kernels(self.program, directory)
 
 
@@ -77,7 +75,19 @@ def lower(program, fuse: bool = True) -> LoweredProgram:
     return LoweredProgram(program, fuse=fuse)
 
 
-def _lowered_graph(program, causal_positions: bool, fuse: bool) -> GraphModule:
+def dump_kernels(program, directory) -> list:
+    """Write the kernels lowering generates for `program` (those of its causal graph: the general one
+    differs only in attention) as `<directory>/<group name>.py`; returns the paths."""
+    from llmopt.codegen import fusion
+
+    return fusion.dump_kernels(_lowered_graph(program, causal_positions=True, fuse=False, generated=True), directory)
+
+
+def _lowered_graph(program, causal_positions: bool, fuse: bool, generated: bool = None) -> GraphModule:
+    """The lowered graph, its fusion groups as generated kernels when `fuse`; `generated` (default:
+    `fuse`) writes activation quantization as ATen ops for the fusion partitioner to take."""
+    from llmopt.codegen.quantize_inputs import split_w8a8
+
     graph = torch.fx.Graph()
     out = graph.graph_copy(program.graph, {})
     graph.output(out)
@@ -88,6 +98,7 @@ def _lowered_graph(program, causal_positions: bool, fuse: bool) -> GraphModule:
             if causal_positions and node.target == torch.ops.llmopt.attention.default:
                 node.args = node.args[:3] + (None,) + node.args[4:]  # the mask is exactly causal here
             node.target = templates[node.target]
+    split_w8a8(gm, generated=fuse if generated is None else generated)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     if fuse:

@@ -65,7 +65,7 @@ def compile(args):
         tokenizer.save_pretrained(args.out)  # so `llmopt generate OUT` and `llmopt eval OUT` work on their own
     print(f"saved to {args.out}")
     if args.dump_kernels:
-        from llmopt.codegen.fusion import dump_kernels
+        from llmopt.codegen import dump_kernels  # the lowered graph's kernels (W8A8 quantization fused into norms)
 
         paths = dump_kernels(cm.program, args.dump_kernels)
         print(f"wrote {len(paths)} generated kernels to {args.dump_kernels}")

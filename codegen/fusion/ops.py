@@ -6,16 +6,18 @@ Entry points: `fusible(node) -> bool` (may the node join a group?), `kind(node) 
 
 Kinds:
 - "pointwise": elementwise math, written in fp32 (`_POINTWISE`: add, sub, mul, div, neg, rsqrt, exp,
-  silu, gelu, tanh, sigmoid, relu, pow with a scalar exponent, where, ...);
+  silu, gelu, tanh, sigmoid, relu, pow with a scalar exponent, round, clamp, where, ...);
 - "cast": dtype casts and copies; the value is unchanged here, since the kernel writer rounds every
-  value to its node's dtype (the way eager PyTorch rounds each op's result);
+  value to its node's dtype (the way eager PyTorch rounds each op's result; a float to int8 cast
+  truncates toward zero, as torch's does);
 - "slice" / "cat": on the last dim, step 1; the writer turns them into column-index remaps, so
   RoPE's rotate_half (`cat([-x[..., h:], x[..., :h]], -1)`) and partial-rotary concatenations fuse
   with no dedicated pattern;
 - "reduce": `mean` / `sum` / `amax` over the last dim with keepdim; "layer_norm" over the last dim.
 
-A fusible node computes a fp16/bf16/fp32 value with a static last dim; its tensor operands are float
-or integer values (bool only as `where`'s condition), its scalar operands Python numbers.
+A fusible node computes a fp16/bf16/fp32 value with a static last dim, or an int8 value by a cast of a
+float one (activation quantization: `round(x / s).clamp(-127, 127).to(int8)`); its tensor operands are
+float or integer values (bool only as `where`'s condition), its scalar operands Python numbers.
 """
 import math
 import numbers
@@ -67,6 +69,17 @@ def _gelu(node: Node, ops) -> str:
     return f"0.5 * {a} * (1.0 + tl.erf({a} * {_SQRT_HALF}))"
 
 
+def _round(node: Node, ops) -> str:
+    """torch.round: the nearest integer, ties to even. From floor, exact for every fp32 value (no rint under
+    the interpreter; `floor(a + 0.5)` would round 0.49999997 up): `a - floor(a)` is exact except for
+    a in (-1, 0), where its rounding still lands on the right side of 0.5 (or on 0.5 for -0.49999997,
+    whose tie goes to the even 0)."""
+    a = ops[0]
+    down, frac = f"tl.floor({a})", f"({a} - tl.floor({a}))"
+    odd = f"(tl.floor({down} * 0.5) * 2.0 != {down})"
+    return f"{down} + tl.where(({frac} > 0.5) | (({frac} == 0.5) & {odd}), 1.0, 0.0)"
+
+
 def _clamp(node: Node, ops) -> str:
     lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
     hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max")
@@ -109,6 +122,9 @@ _POINTWISE = {
     aten.maximum.default: lambda n, o: f"tl.maximum({o[0]}, {o[1]})",
     aten.minimum.default: lambda n, o: f"tl.minimum({o[0]}, {o[1]})",
     aten.clamp.default: _clamp,
+    aten.clamp_min.default: lambda n, o: f"tl.maximum({o[0]}, {o[1]})",
+    aten.clamp_max.default: lambda n, o: f"tl.minimum({o[0]}, {o[1]})",
+    aten.round.default: _round,
     aten.where.self: lambda n, o: f"tl.where({o[0]}, {o[1]}, {o[2]})",
 }
 
@@ -163,13 +179,21 @@ def fusible(node: Node) -> bool:
     if node.op != "call_function" or not kind(node):
         return False
     val = node.meta.get("val")
-    if not isinstance(val, torch.Tensor) or val.dtype not in FLOAT_DTYPES or not _static_last_dim(val):
+    if not isinstance(val, torch.Tensor) or not _value_dtype_ok(node, val) or not _static_last_dim(val):
         return False
     if any(isinstance(v, Node) for v in node.kwargs.values()):
         return False  # tensors are positional in captured graphs; keyword tensors are left to eager
     if not all(_operand_ok(node, i, a) for i, a in enumerate(_flat_args(node))):
         return False
     return _op_ok(node, val)
+
+
+def _value_dtype_ok(node: Node, val: torch.Tensor) -> bool:
+    """A float value, or int8 cast from a float value (a quantized activation)."""
+    if val.dtype in FLOAT_DTYPES:
+        return True
+    source = node.args[0].meta.get("val") if node.args and isinstance(node.args[0], Node) else None
+    return val.dtype == torch.int8 and kind(node) == "cast" and isinstance(source, torch.Tensor) and source.dtype in FLOAT_DTYPES
 
 
 def _flat_args(node: Node) -> list:

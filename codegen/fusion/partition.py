@@ -1,4 +1,4 @@
-"""Fusion groups: connected pointwise ops plus at most one row reduction, each to become one kernel.
+"""Fusion groups: connected pointwise ops and row reductions, each to become one kernel.
 
 Entry point: `partition(graph) -> list[FusionGroup]` for a Program's graph (or any fx graph whose
 nodes carry `meta["val"]`, such as the lowered graphs of `llmopt.codegen.lower`).
@@ -9,10 +9,12 @@ nodes carry `meta["val"]`, such as the lowered graphs of `llmopt.codegen.lower`)
    `q * cos + cat(-q[..., h:], q[..., :h]) * sin` (and partial-rotary cats) is one pointwise group.
 2. Each component is split greedily in graph (topological) order: a node joins the groups of its
    producers when the union stays *convex* (no path leaves the group and comes back: the group must
-   not both feed and consume an outside node, or one kernel call could not replace it), holds at
-   most one reduction, and has leading dims that broadcast to one row space. Otherwise it starts a
-   group. So a residual add joins the RMSNorm after it but not the one before it (the attention or
-   MLP block in between both consumes that norm and feeds the add).
+   not both feed and consume an outside node, or one kernel call could not replace it) and has
+   leading dims that broadcast to one row space. Otherwise it starts a group. So a residual add joins
+   the RMSNorm after it but not the one before it (the attention or MLP block in between both
+   consumes that norm and feeds the add). A group may hold several reductions: its programs hold
+   whole rows, so an RMSNorm and the per-token int8 quantization of its output (an `amax`) are one
+   kernel, as are a softmax's max and sum.
 3. A group computes rows of its iteration space `[*lead, K]`: every output must have exactly that
    shape, or `[*lead, 1]` (a row value such as a reduction). For an output that fits neither, the
    partition is redone with a cut where its shape begins (e.g. at a `slice` to a narrower width: the
@@ -39,12 +41,13 @@ class FusionGroup:
     outputs: list  # group values used outside it, in graph order
     lead: tuple  # leading (row) dims of the iteration space: ints and sympy expressions
     width: int  # K: the last dim of every full-width output
-    reduction: Optional[Node]  # the group's row reduction (mean/sum/amax/layer_norm), if any
+    reductions: list  # the group's row reductions (mean/sum/amax/layer_norm), in graph order
 
     @property
     def kind(self) -> str:
-        """'pointwise', or the reduction: 'mean', 'sum', 'amax', 'layer_norm'."""
-        return ops.reduction_name(self.reduction) if self.reduction is not None else "pointwise"
+        """'pointwise', or the reductions' names in order of first use: 'mean', 'mean_amax', ..."""
+        names = dict.fromkeys(ops.reduction_name(n) for n in self.reductions)
+        return "_".join(names) or "pointwise"
 
     @property
     def name(self) -> str:
@@ -60,7 +63,7 @@ class FusionGroup:
     def whole_rows(self) -> bool:
         """Does a program hold whole rows? Yes with a reduction, or an output of one value a row
         (column blocks would all compute it); otherwise programs take column blocks too."""
-        return self.reduction is not None or any(width(o) == 1 for o in self.outputs)
+        return bool(self.reductions) or any(width(o) == 1 for o in self.outputs)
 
 
 def shape(node: Node) -> tuple:
@@ -127,8 +130,7 @@ def _split(component: list, dag: nx.DiGraph, order: dict, cuts: set) -> list:
 
 
 def _valid(nodes: set, dag: nx.DiGraph, order: dict) -> bool:
-    reductions = [n for n in nodes if ops.is_reduction(n)]
-    return len(reductions) <= 1 and _common_lead(nodes) is not None and _convex(nodes, dag, order)
+    return _common_lead(nodes) is not None and _convex(nodes, dag, order)
 
 
 def _convex(nodes: set, dag: nx.DiGraph, order: dict) -> bool:
@@ -169,9 +171,9 @@ def _describe(nodes: list) -> FusionGroup:
             if arg not in members and arg not in inputs:
                 inputs.append(arg)
     outputs = [n for n in nodes if any(user not in members for user in n.users)]
-    reduction = next((n for n in nodes if ops.is_reduction(n)), None)
+    reductions = [n for n in nodes if ops.is_reduction(n)]
     k = max(width(o) for o in outputs)
-    return FusionGroup(nodes, inputs, outputs, _common_lead(nodes), k, reduction)
+    return FusionGroup(nodes, inputs, outputs, _common_lead(nodes), k, reductions)
 
 
 def _misfits(group: FusionGroup) -> list:

@@ -4,7 +4,8 @@ Entry point: `KernelBody(group)`; after construction, `.lines` holds the kernel'
 `.row_dims[x]` the leading dims input x varies along, `.values[node]` the tile names a node became.
 
 - Each value is an fp32 tile `[ROWS or 1, BLOCK or 1]`, rounded to its node's dtype after the op that
-  makes it (eager PyTorch's numbers: fp32 math, one rounding per op); a `where` condition is a bool tile.
+  makes it (eager PyTorch's numbers: fp32 math, one rounding per op; an int8 cast truncates toward
+  zero); a `where` condition is a bool tile.
 - `value(node, col)` writes a node at a column position on demand, memoized: `Col(c, vec=True)` is
   `cols + c`, `Col(j, vec=False)` the single column j. Slices shift the position, cats pick a piece
   with `tl.where`, so rotate_half becomes two masked loads of q at `cols + h` and `cols - h`. A value
@@ -25,7 +26,7 @@ from torch.fx import Node
 from llmopt.codegen.fusion import ops
 from llmopt.codegen.fusion.partition import FusionGroup, padded_lead, width
 
-_TL_DTYPES = {torch.float16: "tl.float16", torch.bfloat16: "tl.bfloat16", torch.float32: "tl.float32"}
+_TL_DTYPES = {torch.float16: "tl.float16", torch.bfloat16: "tl.bfloat16", torch.float32: "tl.float32", torch.int8: "tl.int8"}
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,13 @@
 """W8A8 linear on int8 tensor cores: y = (q(x) @ Wᵀ) · s_x · s_w (+ bias) (+ residual).
 
-Entry point: `linear_w8a8(x, weight, weight_scale, bias, act_scale, residual=None)`, the Triton
-form of `torch.ops.llmopt.linear_w8a8` with an optional fused residual add. Two launches: the
-activation quantization (`quantize_rows`, bit-identical to the reference) and one GEMM whose int32
-accumulator gets the whole epilogue (row scale, column scale, bias, residual, cast) in registers.
+Entry points:
+- `linear_w8a8(x, weight, weight_scale, bias, act_scale, residual=None)`, the Triton form of
+  `torch.ops.llmopt.linear_w8a8` with an optional fused residual add. Two launches: the activation
+  quantization (`quantize_rows`, bit-identical to the reference) and one GEMM whose int32 accumulator
+  gets the whole epilogue (row scale, column scale, bias, residual, cast) in registers;
+- `linear_int8(q, row_scale, weight, weight_scale, bias, out_dtype)`: the GEMM alone, on activations
+  quantized already. Lowering calls it (`llmopt.codegen.quantize_inputs`): linears that share an input
+  share its quantization, which a generated kernel fuses into the op that makes the input.
 
 The weight stays in its canonical `[N, K]` row-major int8 layout: that is already K-major for the
 B operand, which is what int8 tensor-core instructions read, so there is no repacking step.
@@ -140,6 +144,21 @@ def int8_gemm_scaled(
         HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
     )
     return c
+
+
+def linear_int8(
+    q: torch.Tensor,  # [..., K] int8, quantized activations
+    row_scale: torch.Tensor,  # [..., 1] fp32 (per token), or 1 element (a static per-tensor scale)
+    weight: torch.Tensor,  # [N, K] int8
+    weight_scale: torch.Tensor,  # [N] fp32
+    bias: Optional[torch.Tensor],  # [N] or None
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """-> [..., N] in `out_dtype`: (q @ weightᵀ) · row_scale · weight_scale (+ bias), one launch."""
+    lead, k = q.shape[:-1], q.shape[-1]
+    q2 = q.reshape(-1, k).contiguous()  # q2: [M, K]
+    y = int8_gemm_scaled(q2, weight.contiguous(), row_scale.reshape(-1, 1), weight_scale, bias, None, out_dtype)
+    return y.reshape(*lead, weight.shape[0])
 
 
 def linear_w8a8(

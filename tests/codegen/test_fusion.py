@@ -114,8 +114,8 @@ def test_gelu_and_layernorm_groups(family):
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma", "gpt_neox", "phi3", "gpt2"])
-def test_groups_are_convex_with_one_reduction(family):
-    """No group both feeds and consumes an outside node (one call can replace it), at most one reduction."""
+def test_groups_are_convex(family):
+    """No group both feeds and consumes an outside node (one call can replace it)."""
     graph = program_of(family).graph
     dag = nx.DiGraph([(a, n) for n in graph.nodes for a in n.all_input_nodes])
     for group in partition(graph):
@@ -123,7 +123,6 @@ def test_groups_are_convex_with_one_reduction(family):
         below = set().union(*(nx.descendants(dag, n) for n in members)) - members
         above = set().union(*(nx.ancestors(dag, n) for n in members)) - members
         assert not below & above, f"{group.name} goes out and back through {sorted(n.name for n in below & above)}"
-        assert sum(n is group.reduction for n in group.nodes) <= 1
 
 
 # ---- fused Programs against eager ---------------------------------------------------------------------
@@ -178,7 +177,7 @@ def test_dump_kernels(tmp_path):
 
 
 class Softmaxish(torch.nn.Module):
-    """Two reductions (two kernels), where with a bool mask, clamp, a row output, a narrower slice."""
+    """Two reductions in one kernel (a softmax), where with a bool mask, clamp, a row output, a narrower slice."""
 
     def forward(self, x, mask):  # x: [B, T, K], mask: [B, T, K] bool
         e = torch.exp(x - x.amax(-1, keepdim=True))
@@ -210,7 +209,7 @@ def test_reductions_where_and_slices(poison, dtype):
     module = Softmaxish()
     x, mask = torch.randn(2, 5, 40, dtype=dtype), torch.rand(2, 5, 40) > 0.5
     gm = _export(module, (x, mask))
-    assert sorted(g.kind for g in partition(gm.graph)) == ["amax", "pointwise", "sum"]
+    assert sorted(g.kind for g in partition(gm.graph)) == ["amax_sum", "pointwise"]
     fused = fuse_graph_module(gm)
     for shape in ((2, 5), (3, 1)):
         x, mask = torch.randn(*shape, 40, dtype=dtype), torch.rand(*shape, 40) > 0.5
