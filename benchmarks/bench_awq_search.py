@@ -45,7 +45,7 @@ def time_group(x, weights, bits: int, group_size: int, device) -> float:
     """Seconds for the scale search and the clip search of every weight in the group."""
     _sync(device)
     t0 = time.perf_counter()
-    scales, _, _ = search_awq_scales(x, weights, bits, group_size)
+    scales = search_awq_scales(x, weights, bits, group_size).scales
     x_scaled = x / scales.to(x.dtype)
     for w in weights:
         search_awq_clip(x_scaled, w * scales.to(w.dtype), bits, group_size)

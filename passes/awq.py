@@ -1,11 +1,12 @@
-"""`AWQ(bits=4, group_size=128, grid=20, symmetric=False, max_rows=4096, include_lm_head=False)`:
+"""`AWQ(bits=4, group_size=128, grid=20, symmetric=False, max_rows=4096, include_lm_head=False, duo_scaling=True)`:
 activation-aware weight quantization (Lin et al. 2023) into `torch.ops.llmopt.linear_wq`. Lossy.
 
 For each input group (`llmopt.producers.input_groups`: q/k/v after the attention norm, gate/up after
 the MLP norm, v→o when its channel map is one-to-one, up→down, fc1→fc2 through ReLU; an 'other'
 producer such as GELU gets an inserted scale node):
-1. search s = mean|x|^α, α ∈ {0, 1/grid, ..., 1}, by the group's quantized output error
-   (`compress.search_awq_scales`; α = 0 is RTN) and fold it exactly (`producers.fold_scales`);
+1. search s = mean|x|^α, α ∈ {0, 1/grid, ..., 1} (and with `duo_scaling` also AutoAWQ's
+   mean|x|^α / mean|ŵ|^(1−α)), by the group's quantized output error (`compress.search_awq_scales`;
+   plain α = 0 is RTN) and fold it exactly (`producers.fold_scales`);
    a 'linear' producer whose map is not one-to-one (v→o under GQA) is not scaled;
 2. per linear, search the clip ratio of every weight group on x / s (`compress.search_awq_clip`);
 3. quantize as RTN does, with that clip (`compress.quantize_groups`); the linears become
@@ -162,6 +163,11 @@ class StagedRun:
         return {n: values[n] for n in keep}
 
 
+def _is_scaling(found) -> bool:
+    """False for the search's RTN candidate (plain α = 0: s = 1), which needs no fold."""
+    return found.alpha > 0 or found.duo
+
+
 def _snapshot(program) -> GraphModule:
     """The Program's graph (copied) over its current weight tensors (shared, not copied)."""
     root = torch.nn.Module()
@@ -180,12 +186,12 @@ class AWQ(Pass):
     once = True
 
     def __init__(self, bits: int = 4, group_size: int = 128, grid: int = 20, symmetric: bool = False,
-                 max_rows: int = MAX_TOKENS, include_lm_head: bool = False):
+                 max_rows: int = MAX_TOKENS, include_lm_head: bool = False, duo_scaling: bool = True):
         check_bits(bits, "AWQ")
         if grid < 1 or max_rows < 1:
             raise PassError(f"AWQ: grid={grid} and max_rows={max_rows} must be >= 1 (defaults 20 and {MAX_TOKENS})")
         self.bits, self.group_size, self.grid, self.symmetric = bits, group_size, grid, symmetric
-        self.max_rows, self.include_lm_head = max_rows, include_lm_head
+        self.max_rows, self.include_lm_head, self.duo_scaling = max_rows, include_lm_head, duo_scaling
 
     def check(self, program, calibration):
         super().check(program, checked_calibration(calibration, self.name))
@@ -198,7 +204,7 @@ class AWQ(Pass):
         targets = {lin.node for lin in linear_targets(program, self.include_lm_head, self.name)}
         groups = [g for g in input_groups(program, self.include_lm_head) if any(c.node in targets for c in g.consumers)]
         backup, finished = _snapshot(program), False
-        scaled, quantized = [], []  # scaled: [(InputGroup, alpha)]; quantized: [(Linear, QuantizedWeight)]
+        scaled, quantized = [], []  # scaled: [(InputGroup, AwqScales)]; quantized: [(Linear, QuantizedWeight)]
         try:
             run = StagedRun(program, calibration)
             for stage in plan_stages(program, groups, targets):
@@ -217,28 +223,30 @@ class AWQ(Pass):
                 program.gm = backup  # whatever failed, the Program is left as it was
         stats = {
             "linears_quantized": len(quantized),
-            "groups_scaled": sum(1 for _, alpha in scaled if alpha > 0),
-            "scale_nodes_inserted": sum(1 for g, alpha in scaled if alpha > 0 and g.kind == "other"),
-            "alphas": [alpha for _, alpha in scaled],
+            "groups_scaled": sum(1 for _, found in scaled if _is_scaling(found)),
+            "scale_nodes_inserted": sum(1 for g, found in scaled if _is_scaling(found) and g.kind == "other"),
+            "alphas": [found.alpha for _, found in scaled],
+            "duo": [found.duo for _, found in scaled],
         }
         return PassResult(program, bool(quantized), stats)
 
     def _quantize_stage(self, program, stage, rows, targets, quantized: list) -> list:
-        """Scale every group of the stage (folding s unless the search picked α = 0, i.e. s = 1), then
+        """Scale every group of the stage (folding s unless the search picked plain α = 0, i.e. s = 1), then
         clip-search and quantize its linears; each gets its dequantized weight (what linear_wq computes
         with: later stages are calibrated on the quantized model without the op's per-call unpacking)
-        and an entry in `quantized`. -> [(group, α)] of the groups searched."""
+        and an entry in `quantized`. -> [(group, AwqScales)] of the groups searched."""
         inputs, scaled = [], []  # inputs: [(Linear, x [n, K] as the linear now sees it)]
         for g in stage.groups:
             x = rows[g.value]  # [n, K]
             mine = [c for c in g.consumers if c.node in targets]
             if scalable(g):
                 weights = [program.get_weight(c.weight) for c in mine]
-                found = search_awq_scales(x, weights, self.bits, self.group_size, self.grid, self.symmetric, self.max_rows)
-                if found.alpha > 0:
+                found = search_awq_scales(x, weights, self.bits, self.group_size, self.grid, self.symmetric, self.max_rows,
+                                          duo=self.duo_scaling)
+                if _is_scaling(found):
                     fold_scales(program, g, found.scales)
                     x = x / found.scales.to(x.device)
-                scaled.append((g, found.alpha))
+                scaled.append((g, found))
             inputs += [(c, x) for c in mine]
         for lin, x in inputs:  # after every fold: v's weight is final only once o's s is folded into it
             w = program.get_weight(lin.weight)

@@ -5,14 +5,14 @@ Every function takes plain tensors (weights `[N, K]` as in nn.Linear, calibratio
 passes in `llmopt.passes` find the linears, gather calibration data and call these.
 
 - `rtn`: `quantize_groups` -> `QuantizedWeight` (the `linear_wq` layout), `fake_quantize_groups`
-- `awq`: `search_awq_scales` -> `AwqScales(scales, alpha, errors)`, `search_awq_clip` -> clip ratios
+- `awq`: `search_awq_scales` -> `AwqScales(scales, alpha, duo, errors, candidates)`, `search_awq_clip` -> clip ratios
 - `w8a8`: `quantize_weight_per_channel`, `smooth_scales`, `search_smooth_alpha`, `static_act_scale`
 - `prune`: `magnitude_scores`, `wanda_scores`, `prune_mask`, `is_2_4_sparse`, `to_semi_structured`
 - `lora`: `merge_lora`, `requantize_merged`
 
 Example (AWQ for the linears reading one input, then RTN with the searched clip):
 
-    s, alpha, errors = search_awq_scales(x, [w_q, w_k, w_v], bits=4, group_size=128)
+    s = search_awq_scales(x, [w_q, w_k, w_v], bits=4, group_size=128).scales
     w_scaled = w_q * s                          # the pass also folds 1/s into the preceding norm
     clip = search_awq_clip(x / s, w_scaled, bits=4, group_size=128)
     qw = quantize_groups(w_scaled, bits=4, group_size=128, clip_ratio=clip)

@@ -1,11 +1,14 @@
 """AWQ (Lin et al. 2023, "Activation-aware Weight Quantization"): the two searches, on plain tensors.
 
 Entry points:
-- `search_awq_scales(x, weights, bits, group_size)` -> `AwqScales(scales [K], alpha, errors [grid + 1])`: the
-  per-input-channel scale s = mean|x|^alpha (normalized by sqrt(max s · min s), as AutoAWQ does) that
-  minimizes the output error of the linears sharing input x when each W is quantized as Q(W·s)/s.
-  alpha = 0 gives s = 1, i.e. plain RTN, and is always on the grid, so the search is never worse
-  than RTN on its own objective.
+- `search_awq_scales(x, weights, bits, group_size)` -> `AwqScales(scales [K], alpha, duo, errors)`: the
+  per-input-channel scale that minimizes the output error of the linears sharing input x when each W
+  is quantized as Q(W·s)/s. Two families of candidates, each over alpha in {0, 1/grid, ..., 1}:
+  s = mean|x|^alpha (the paper's) and, with `duo=True`, s = mean|x|^alpha / mean|ŵ|^(1 - alpha)
+  (AutoAWQ's "duo scaling", ŵ = |W| over its group's max |W|: channels whose weights are small in
+  their groups lose little when scaled up). Every candidate is normalized by sqrt(max s · min s), as
+  AutoAWQ does. alpha = 0 of the first family gives s = 1, i.e. plain RTN, and is always on the grid,
+  so the search is never worse than RTN on its own objective.
 - `search_awq_clip(x, w, bits, group_size)` -> clip ratios [N, K // G] for `quantize_groups`: per
   group, the shrink of max|w| that minimizes that group's share of the output error (AutoAWQ's
   `_compute_best_clip`); ratio 1 (no clip) is always on the grid.
@@ -28,11 +31,13 @@ MAX_TOKENS = 4096  # calibration rows kept per search (evenly spaced subsample)
 
 
 class AwqScales(NamedTuple):
-    """Result of `search_awq_scales`; unpacks as `scales, alpha, errors = ...`."""
+    """Result of `search_awq_scales`; unpacks as `scales, alpha, duo, errors, candidates = ...`."""
 
     scales: torch.Tensor  # [K] fp32, on the weights' device: quantize W·s, feed x/s
     alpha: float  # the chosen exponent
-    errors: torch.Tensor  # [grid + 1] fp32 (CPU): mean squared output error at alpha = i / grid
+    duo: bool  # whether the chosen candidate is of the duo family (divided by mean|ŵ|^(1 - alpha))
+    errors: torch.Tensor  # [F, grid + 1] fp32 (CPU): mean squared output error per family and alpha = i / grid
+    candidates: torch.Tensor  # [F, grid + 1, K] fp32: every candidate s, in the order of `errors`
 
 
 def search_awq_scales(
@@ -43,8 +48,10 @@ def search_awq_scales(
     grid: int = 20,
     symmetric: bool = False,
     max_tokens: int = MAX_TOKENS,
+    duo: bool = True,
 ) -> AwqScales:
-    """Grid search over alpha in {0, 1/grid, ..., 1} of s = mean|x|^alpha (see module docstring)."""
+    """Grid search over alpha in {0, 1/grid, ..., 1} of s = mean|x|^alpha (and, with `duo`, of
+    mean|x|^alpha / mean|ŵ|^(1 - alpha)); see the module docstring."""
     if not weights:
         raise ValueError("search_awq_scales: no weights given; pass the linears that read x")
     if grid < 1:
@@ -57,17 +64,26 @@ def search_awq_scales(
     x_mean = channel_abs_mean(x, k, device)  # [K], over all tokens
     xs = calibration_rows(x, k, max_tokens, device, "search_awq_scales")  # [n, K]
     alphas = torch.arange(grid + 1, dtype=torch.float32) / grid  # [A]
-    scales = x_mean.unsqueeze(0).pow(alphas.to(device).unsqueeze(1)).clamp_min(1e-4)  # [A, K]
+    a = alphas.to(device).unsqueeze(1)  # [A, 1]
+    scales = x_mean.unsqueeze(0).pow(a).clamp_min(1e-4)  # [A, K]
+    if duo:
+        w_mean = _group_relative_abs_mean(weights, group_size)  # [K]
+        duo_scales = (x_mean.unsqueeze(0).pow(a) / (w_mean.unsqueeze(0).pow(1 - a) + 1e-4)).clamp_min(1e-4)  # [A, K]
+        scales = torch.cat([scales, duo_scales])  # [F·A, K], F = 2 families
     scales = scales / (scales.amax(dim=1, keepdim=True) * scales.amin(dim=1, keepdim=True)).sqrt()
     gram = xs.t() @ xs if k <= xs.shape[0] else None  # [K, K] when cheaper than using xs directly
-    errors = torch.zeros(len(alphas), dtype=torch.float64, device=device)  # [A]
+    errors = torch.zeros(scales.shape[0], dtype=torch.float64, device=device)  # [F·A]
     for w in weights:
         errors += _scaled_quant_error(w.float(), scales, xs, gram, bits, group_size, symmetric)
     errors = (errors / (xs.shape[0] * sum(w.shape[0] for w in weights))).float().cpu()
     if not bool(torch.isfinite(errors).all()):
         raise ValueError("search_awq_scales: the output error is not finite; inputs too large for fp32?")
-    best = int(errors.argmin())  # first minimum: ties go to the smaller alpha (alpha = 0 is RTN)
-    return AwqScales(scales=scales[best].clone(), alpha=float(alphas[best]), errors=errors)
+    best = int(errors.argmin())  # first minimum: ties go to the plain family and the smaller alpha (RTN first)
+    family, i = divmod(best, len(alphas))
+    return AwqScales(
+        scales=scales[best].clone(), alpha=float(alphas[i]), duo=family == 1,
+        errors=errors.reshape(-1, len(alphas)), candidates=scales.reshape(-1, len(alphas), k),
+    )
 
 
 def search_awq_clip(
@@ -104,6 +120,17 @@ def search_awq_clip(
         err = (t @ gram).mul_(t).sum(dim=-1).reshape(ng, n_ratios, c)  # [ng, R, c]
         clip[r0 : r0 + c] = ratios[err.argmin(dim=1)].t()  # first minimum: ties keep ratio 1
     return clip
+
+
+def _group_relative_abs_mean(weights: Sequence[torch.Tensor], group_size: int) -> torch.Tensor:
+    """-> [K] fp32: mean over every output row of |W| / (its group's max |W|), per input channel."""
+    total, rows = 0.0, 0
+    for w in weights:  # w: [N_i, K]
+        n, k = w.shape
+        wg = w.float().abs().reshape(n, k // group_size, group_size)  # [N_i, ng, G]
+        total = total + (wg / (wg.amax(dim=-1, keepdim=True) + 1e-6)).reshape(n, k).sum(dim=0)
+        rows += n
+    return total / rows
 
 
 def _scaled_quant_error(

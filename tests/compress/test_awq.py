@@ -43,15 +43,17 @@ def test_scale_search_never_worse_than_rtn(n_tokens, n_groups, group_size, outs,
     k = n_groups * group_size
     x = torch.randn(n_tokens, k, generator=g) * torch.rand(k, generator=g) * 3  # uneven channels
     weights = [torch.randn(n, k, generator=g) for n in outs]
-    scales, alpha, errors = search_awq_scales(x, weights, bits, group_size, grid=5, symmetric=symmetric)
-    assert errors.shape == (6,) and bool(torch.isfinite(errors).all())
+    scales, alpha, duo, errors, candidates = search_awq_scales(x, weights, bits, group_size, grid=5, symmetric=symmetric)
+    assert errors.shape == (2, 6) and bool(torch.isfinite(errors).all())  # [family (plain, duo), alpha]
     assert scales.shape == (k,) and bool((scales > 0).all()) and bool(torch.isfinite(scales).all())
-    assert alpha == pytest.approx(int(errors.argmin()) / 5)
-    assert float(errors.min()) <= float(errors[0])
-    # alpha = 0 is RTN; errors are mean squared output errors over the n·ΣN outputs
+    family, i = divmod(int(errors.argmin()), 6)
+    assert candidates.shape == (2, 6, k) and torch.equal(candidates[family, i], scales)
+    assert alpha == pytest.approx(i / 5) and duo == (family == 1)
+    assert float(errors.min()) <= float(errors[0, 0])
+    # plain alpha = 0 is RTN; errors are mean squared output errors over the n·ΣN outputs
     count = n_tokens * sum(outs)
     rtn = sum(_output_error(x, w, fake_quantize_groups(w, bits, group_size, symmetric)) for w in weights)
-    assert float(errors[0]) * count == pytest.approx(rtn, rel=1e-3, abs=1e-6)
+    assert float(errors[0, 0]) * count == pytest.approx(rtn, rel=1e-3, abs=1e-6)
     # the returned scales achieve the reported error, evaluated literally, never above RTN
     chosen = sum(
         _output_error(x, w, fake_quantize_groups(w * scales, bits, group_size, symmetric) / scales) for w in weights
@@ -62,21 +64,36 @@ def test_scale_search_never_worse_than_rtn(n_tokens, n_groups, group_size, outs,
 
 def test_scale_search_strictly_better_with_outlier_channels():
     x, weights = _outlier_case()
-    scales, alpha, errors = search_awq_scales(x, weights, 4, 32)
+    scales, alpha, _, errors, _ = search_awq_scales(x, weights, 4, 32)
     assert alpha > 0
     rtn = _awq_error(x, weights, torch.ones(128), 4, 32)
     awq = _awq_error(x, weights, scales, 4, 32)
     assert awq < 0.5 * rtn, (awq, rtn)  # measured: about 0.18 of the RTN error
-    assert float(errors.min()) < 0.5 * float(errors[0])
+    assert float(errors.min()) < 0.5 * float(errors[0, 0])
     # outlier channels get the largest scales (their weights are protected)
     assert set(scales.topk(4).indices.tolist()) == {3, 40, 77, 100}
 
 
-def test_scale_search_normalization_matches_autoawq():
+@pytest.mark.parametrize("duo", [False, True])
+def test_scale_search_candidates_match_autoawq(duo):
     x, weights = _outlier_case()
-    scales, alpha, _ = search_awq_scales(x, weights, 4, 32)
-    s = x.abs().mean(0).pow(alpha).clamp_min(1e-4)
+    scales, alpha, chosen_duo, errors, _ = search_awq_scales(x, weights, 4, 32, duo=duo)
+    assert errors.shape[0] == (2 if duo else 1)
+    s = x.abs().mean(0).pow(alpha)
+    if chosen_duo:  # AutoAWQ's duo scaling: divided by the mean group-relative |W| per input channel
+        w = torch.cat(weights).abs().reshape(-1, 32)
+        w_mean = (w / (w.amax(dim=1, keepdim=True) + 1e-6)).reshape(-1, 128).mean(0)
+        s = s / (w_mean.pow(1 - alpha) + 1e-4)
+    s = s.clamp_min(1e-4)
     torch.testing.assert_close(scales, s / (s.max() * s.min()).sqrt(), rtol=1e-5, atol=0)
+
+
+def test_duo_candidates_only_add_to_the_grid():
+    x, weights = _outlier_case()
+    plain = search_awq_scales(x, weights, 3, 32, duo=False)
+    both = search_awq_scales(x, weights, 3, 32, duo=True)
+    torch.testing.assert_close(both.errors[0], plain.errors[0])
+    assert float(both.errors.min()) <= float(plain.errors.min())
 
 
 def test_scale_search_chunked_equals_unchunked(monkeypatch):
