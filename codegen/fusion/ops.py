@@ -70,14 +70,12 @@ def _gelu(node: Node, ops) -> str:
 
 
 def _round(node: Node, ops) -> str:
-    """torch.round: the nearest integer, ties to even. From floor, exact for every fp32 value (no rint under
-    the interpreter; `floor(a + 0.5)` would round 0.49999997 up): `a - floor(a)` is exact except for
-    a in (-1, 0), where its rounding still lands on the right side of 0.5 (or on 0.5 for -0.49999997,
-    whose tie goes to the even 0)."""
+    """torch.round: the nearest integer, ties to even. Below 2**23, `|a| + 2**23` lands where fp32's
+    spacing is 1, so the float unit's own round-to-nearest-even rounds |a| (two adds, no rint: the
+    interpreter has none); from 2**23 on every fp32 value is an integer already."""
     a = ops[0]
-    down, frac = f"tl.floor({a})", f"({a} - tl.floor({a}))"
-    odd = f"(tl.floor({down} * 0.5) * 2.0 != {down})"
-    return f"{down} + tl.where(({frac} > 0.5) | (({frac} == 0.5) & {odd}), 1.0, 0.0)"
+    rounded = f"((tl.abs({a}) + 8388608.0) - 8388608.0)"
+    return f"tl.where(tl.abs({a}) < 8388608.0, tl.where({a} < 0.0, -{rounded}, {rounded}), {a})"
 
 
 def _clamp(node: Node, ops) -> str:
