@@ -1,18 +1,35 @@
 """Weight-only group-quantized linear (W4/W3/W8, A16/A32) in Triton, reading the canonical layout.
 
 Entry point: `linear_wq(x, qweight, scales, zeros, bias, group_size, bits)`, the same function as
-`torch.ops.llmopt.linear_wq` up to fp32 accumulation order. The weight is read as stored
-(`llmopt/ops/linear_wq.py`): uint8 `[N, K // 2]` nibbles for bits <= 4 (3-bit values sit in 4-bit
-slots), uint8 `[N, K]` for bits == 8; rows are contiguous along K, so the packed bytes load
-with wide coalesced accesses and no repacking step is needed. Nibbles are unpacked in registers and
-dequantized in the dtype of `scales`, exactly as the reference: `W = (q - zero) * scale`.
+`torch.ops.llmopt.linear_wq` up to fp32 rounding (see below). The weight is read as stored
+(`llmopt/ops/linear_wq.py`): uint8 `[N, K // 2]` with the even k in the low nibble (3-bit values
+sit in 4-bit slots), or uint8 `[N, K]` for 8 bits; there is no repacking step.
 
-Two kernels, picked by M:
-- M <= 16 (decode): `_wq_gemv_kernel`, a GEMV (M == 1: multiply-and-reduce on CUDA cores) or a
-  16-row tensor-core dot (2 <= M <= 16), with split-K: the last program of a column tile (an atomic
-  counter that resets itself) sums the fp32 partials, so a call is a single launch.
-- M > 16 (prefill): `_wq_gemm_kernel`, a tiled GEMM with the weight tile dequantized before `tl.dot`.
-Both are autotuned per (M bucket, N, K, group size) and GPU.
+One kernel, `_wq_kernel`, computes a tile yᵀ `[BLOCK_N, BLOCK_M]` = W · xᵀ on tensor cores (wgmma
+on Hopper) with the weight tile as the left operand, built in registers (M is padded to 16 rows
+when smaller). K runs in blocks of BLOCK_K = min(group_size, 128), so a block lies in one group.
+
+No nibble interleaving: both operands are read as words of P values (4-bit weights and 16-bit x:
+P = 4, an int16 of four nibbles against an int64 of four x values; P = 2 for fp32 x or 32-wide
+groups; P = 1 for 8-bit weights). Plane r of a block's words holds k = k0 + P * i + r, for the
+weight and for x alike; the planes are laid side by side along the dot's K (a relabelling of
+registers, no data movement), and since a dot's sum does not depend on the order of k, one dot
+per block covers them all.
+
+Per weight there is no int-to-float conversion: one shift and one lop3 per register of two int16
+words (inline PTX; plain Triton under the interpreter) give the bits MAGIC | q, the bf16 128 + q
+or fp16 1024 + q (fp32: 0x4B000000 | q = 2**23 + q). Zero point and scale, per block (BIAS = that
+offset):
+- SCALE_IN_TILE=False: y += s * (Σ (BIAS + q) x - (BIAS + z) Σ x) in fp32, so the tile is the raw
+  magic numbers (the fp32 path, whose BIAS is too large to cancel, subtracts BIAS + z in the tile);
+- SCALE_IN_TILE=True: W = (q - z) * s rounded to the scales' dtype, bit-identical to the
+  reference's dequantization, one accumulator across blocks.
+x and scales (zeros too, when they leave the tile) are loaded an iteration ahead; the weight tiles
+are pipelined by the compiler (cp.async, num_stages deep); SUB = 2 takes two blocks per iteration.
+Split-K (SPLIT_K > 1, M <= 64): the last program of an output tile (an atomic counter that resets
+itself) sums the fp32 partials, so a call is a single launch. Two autotuners share the kernel:
+`_wq_gemv_kernel` for M <= 16 and `_wq_gemm_kernel` for M > 16, keyed on (M bucket, N, K, group
+size) and the GPU; they choose among these variants per shape.
 """
 from typing import Optional
 
@@ -23,30 +40,31 @@ import triton.testing
 
 _INTERPRET = triton.knobs.runtime.interpret
 DECODE_MAX_M = 16
-_MAX_SPLIT_K = 4
+SPLIT_MAX_M = 64  # split-K configs are tried up to this M
+_MIN_TILE = 16  # the smallest BLOCK_M and BLOCK_N: sizes the split-K counters
 
 
-def _cfg(bm, bn, bk, warps, stages, split_k=None):
-    meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
-    if split_k is not None:  # GEMV configs only
-        meta["SPLIT_K"] = split_k
+def _cfg(bm, bn, warps, stages, split_k=1, sub=1, scale_in_tile=False):
+    meta = {"BLOCK_M": bm, "BLOCK_N": bn, "SPLIT_K": split_k, "SUB": sub, "SCALE_IN_TILE": scale_in_tile}
     return triton.Config(meta, num_warps=warps, num_stages=stages)
 
 
 if _INTERPRET:  # small tiles: the interpreter runs each program in Python and cannot time configs
-    _GEMV_CONFIGS = [_cfg(1, 16, 64, 4, 1, 3), _cfg(1, 16, 32, 4, 1, 3), _cfg(16, 32, 64, 4, 1, 2), _cfg(16, 32, 32, 4, 1, 2)]
-    _GEMM_CONFIGS = [_cfg(32, 32, 64, 4, 1), _cfg(32, 32, 32, 4, 1)]
-else:
-    _GEMV_CONFIGS = [
-        _cfg(1, 16, 512, 4, 3, 1), _cfg(1, 8, 1024, 4, 3, 1), _cfg(1, 32, 256, 4, 3, 1), _cfg(1, 16, 256, 4, 3, 2),
-        _cfg(1, 64, 128, 4, 3, 4), _cfg(1, 4, 1024, 2, 3, 1), _cfg(1, 32, 512, 8, 3, 1),
-        _cfg(16, 16, 512, 4, 3, 1), _cfg(16, 32, 256, 4, 3, 1), _cfg(16, 32, 128, 4, 4, 1),
-        _cfg(16, 64, 128, 4, 3, 2), _cfg(16, 16, 256, 4, 3, 2), _cfg(16, 16, 1024, 4, 2, 1), _cfg(16, 64, 256, 4, 3, 1),
+    _DECODE_CONFIGS = [_cfg(16, 32, 4, 1, 2, 2), _cfg(16, 32, 4, 1, 2)]
+    _GEMM_CONFIGS = [_cfg(32, 32, 4, 1, 2, 2, True), _cfg(32, 32, 4, 1, 2), _cfg(64, 32, 4, 1, 1)]
+else:  # (BLOCK_M, BLOCK_N, warps, stages, SPLIT_K, SUB, SCALE_IN_TILE)
+    _DECODE_CONFIGS = [
+        _cfg(16, 64, 4, 4, 4, 2), _cfg(16, 64, 4, 4, 8), _cfg(16, 64, 4, 4, 8, 2), _cfg(16, 64, 4, 4, 16),
+        _cfg(16, 128, 4, 4, 2, 2), _cfg(16, 128, 4, 4, 4), _cfg(16, 128, 4, 4, 4, 2), _cfg(16, 128, 4, 4, 8),
+        _cfg(16, 128, 8, 4, 4), _cfg(16, 128, 8, 4, 4, 2), _cfg(16, 256, 8, 3, 4),
+        _cfg(16, 64, 4, 4, 8, 1, True), _cfg(16, 128, 4, 4, 4, 1, True),
     ]
     _GEMM_CONFIGS = [
-        _cfg(64, 16, 256, 4, 3), _cfg(64, 32, 128, 4, 4), _cfg(64, 32, 256, 4, 3), _cfg(64, 64, 128, 4, 4),
-        _cfg(32, 64, 128, 4, 4), _cfg(64, 128, 64, 4, 4), _cfg(128, 128, 64, 8, 3), _cfg(128, 256, 64, 8, 3),
-        _cfg(128, 128, 128, 8, 3),
+        _cfg(32, 128, 4, 4, 2), _cfg(32, 128, 4, 4, 4), _cfg(64, 64, 4, 4, 4), _cfg(64, 128, 8, 4, 1),
+        _cfg(64, 128, 8, 4, 2), _cfg(64, 128, 8, 4, 4), _cfg(64, 128, 8, 4, 2, 2), _cfg(64, 128, 8, 4, 4, 2),
+        _cfg(64, 128, 4, 4, 2, 1, True), _cfg(64, 128, 4, 4, 4, 1, True),
+        _cfg(128, 128, 8, 3, 1, 1, True), _cfg(128, 128, 8, 4, 1),
+        _cfg(64, 256, 8, 3, 1, 1, True),
     ]
 
 
@@ -56,118 +74,204 @@ def _quick_bench(kernel_call, quantiles):
 
 
 def _prune(configs, named_args, **kwargs):
-    """Keep tiles that suit M and split K into whole groups; the interpreter takes the first one."""
+    """Tiles no taller than M needs; split-K only for small M (the workspace is sized for it); two
+    blocks per iteration only where the number of blocks is even."""
     args = {**named_args, **kwargs}
-    m, k, g = args["M_BUCKET"], args["K"], args["GROUP_SIZE"]
+    m, num_kb = args["M_BUCKET"], args["K"] // args["BLOCK_K"]
     fitting = [
         c for c in configs
-        if k % c.kwargs["BLOCK_K"] == 0
-        and (c.kwargs["BLOCK_K"] % g == 0 or g % c.kwargs["BLOCK_K"] == 0)
-        and (c.kwargs["BLOCK_M"] == 1) == (m == 1)
-        and c.kwargs["BLOCK_M"] <= max(m, 64)
+        if c.kwargs["BLOCK_M"] <= max(m, 32) and (c.kwargs["SPLIT_K"] == 1 or m <= SPLIT_MAX_M)
+        and num_kb % c.kwargs["SUB"] == 0
     ]
-    assert fitting, f"no {'gemv' if m <= DECODE_MAX_M else 'gemm'} tile fits K={k}, group_size={g}"
+    assert fitting, f"no tile fits M bucket {m}, {num_kb} blocks"
     return fitting[:1] if _INTERPRET else fitting
 
 
 @triton.jit
-def _dequant_tile(
-    qw_ptr, s_ptr, z_ptr,  # qw: [N, K // 2] or [N, K] uint8; s, z: [N, K // GROUP_SIZE]
-    rows,  # [BLOCK_N] weight rows, in bounds
-    k0,  # first column of the tile, a multiple of BLOCK_K
-    stride_qn, stride_sn,
-    GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, BLOCK_K: tl.constexpr, OUT_DTYPE: tl.constexpr,
-):
-    """-> W[rows, k0:k0 + BLOCK_K]: [BLOCK_N, BLOCK_K], bit-identical to the reference's (q - z) * s.
+def _plane(wq, SHIFT: tl.constexpr, SLOT: tl.constexpr, MAGIC: tl.constexpr, ASM: tl.constexpr):
+    """wq: [BLOCK_N, KK] words -> the bits of a float that holds q = (wq >> SHIFT) & (2**SLOT - 1).
 
-    Computed in fp32 and rounded once to the scales' dtype: q - z is an exact small integer and its
-    product with a 16-bit scale is exact in fp32, so that one rounding is the reference's rounding.
-    q becomes fp32 without a conversion instruction (those run at 1/8 rate): the bits
-    0x4B000000 | q are the float 2**23 + q, and subtracting 2**23 + z leaves q - z exactly.
+    MAGIC > 0 (16-bit dtypes): int16 MAGIC | q, the number BIAS + q (bf16 0x4300 = 128 for
+    q < 128, fp16 0x6400 = 1024: q lands in the mantissa); MAGIC == 0: int32 0x4B000000 | q, the
+    fp32 2**23 + q. So q needs no int-to-float conversion instruction. ASM (int16 words): one
+    shift and one lop3 per register, which holds two words (LLVM would split the 16-bit shifts).
     """
-    BLOCK_N: tl.constexpr = rows.shape[0]
-    if BITS <= 4:
-        offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        p = tl.load(qw_ptr + rows[:, None] * stride_qn + offs_b[None, :])  # [BLOCK_N, BLOCK_K // 2]
-        q = tl.reshape(tl.join(p & 0xF, p >> 4), (BLOCK_N, BLOCK_K))  # even k: low nibble, odd k: high
+    if ASM:
+        bits = tl.inline_asm_elementwise(
+            asm=f"{{ .reg .b32 t; shr.b32 t, $1, {SHIFT}; lop3.b32 $0, t, 0x000F000F, {MAGIC * 0x10001}, 0xea; }}",
+            constraints="=r,r", args=[wq], dtype=tl.int16, is_pure=True, pack=2,
+        )
+    elif MAGIC > 0:
+        bits = ((wq >> SHIFT) & (2**SLOT - 1)).to(tl.int16) | MAGIC
     else:
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        q = tl.load(qw_ptr + rows[:, None] * stride_qn + offs_k[None, :])  # [BLOCK_N, BLOCK_K]
-    q = (q.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True)  # 2**23 + q
-    if BLOCK_K <= GROUP_SIZE:  # one group per row of the tile
-        g = k0 // GROUP_SIZE
-        s = tl.load(s_ptr + rows * stride_sn + g)  # [BLOCK_N]
-        z = tl.load(z_ptr + rows * stride_sn + g).to(tl.float32) + 8388608.0  # 2**23 + z
-        w = ((q - z[:, None]) * s.to(tl.float32)[:, None]).to(s.dtype)
-    else:  # BLOCK_K // GROUP_SIZE groups per row
-        NG: tl.constexpr = BLOCK_K // GROUP_SIZE
-        g = k0 // GROUP_SIZE + tl.arange(0, NG)
-        s = tl.load(s_ptr + rows[:, None] * stride_sn + g[None, :])  # [BLOCK_N, NG]
-        z = tl.load(z_ptr + rows[:, None] * stride_sn + g[None, :]).to(tl.float32) + 8388608.0
-        q3 = tl.reshape(q, (BLOCK_N, NG, GROUP_SIZE))
-        w = tl.reshape(((q3 - z[:, :, None]) * s.to(tl.float32)[:, :, None]).to(s.dtype), (BLOCK_N, BLOCK_K))
-    return w.to(OUT_DTYPE)
+        bits = ((wq >> SHIFT) & (2**SLOT - 1)).to(tl.int32) | 0x4B000000
+    return bits
 
 
-@triton.autotune(
-    configs=_GEMV_CONFIGS, key=["M_BUCKET", "N", "K", "GROUP_SIZE"], prune_configs_by={"early_config_prune": _prune},
-    do_bench=_quick_bench,
-)
 @triton.jit
-def _wq_gemv_kernel(
+def _dequant(bits, z, s, BIAS: tl.constexpr, ZERO_IN_TILE: tl.constexpr, SCALE_IN_TILE: tl.constexpr,
+             DTYPE: tl.constexpr):
+    """bits: [BLOCK_N, KK] from _plane, the float BIAS + q; z, s: [BLOCK_N] zero points and scales.
+
+    -> in DTYPE: BIAS + q (ZERO_IN_TILE False: the zero point is applied after the dot), q - z,
+    or (SCALE_IN_TILE) (q - z) * s rounded to the scales' dtype, the reference's W: (BIAS + q) -
+    (BIAS + z) is q - z, a small integer, exactly; its product with a 16-bit scale is exact in
+    fp32, so one rounding to the scales' dtype is the reference's rounding.
+    """
+    if bits.dtype == tl.int16:
+        w = bits.to(DTYPE, bitcast=True)
+        if ZERO_IN_TILE:
+            w = w - (z.to(DTYPE) + BIAS)[:, None]
+    else:
+        w = bits.to(tl.float32, bitcast=True) - (z.to(tl.float32) + BIAS)[:, None]
+    if SCALE_IN_TILE:
+        if s.dtype == w.dtype:  # one correctly rounded product
+            w = w * s[:, None]
+        else:
+            w = (w.to(tl.float32) * s.to(tl.float32)[:, None]).to(s.dtype)
+    return w.to(DTYPE)
+
+
+@triton.jit
+def _cat(a, b):
+    """[R, C], [R, C] -> [R, 2C]: a's columns, then b's."""
+    return tl.reshape(tl.permute(tl.join(a, b), (0, 2, 1)), (a.shape[0], 2 * a.shape[1]))
+
+
+@triton.jit
+def _block(acc, wq, xw, s, z, DTYPE: tl.constexpr, P: tl.constexpr, SLOT: tl.constexpr, MAGIC: tl.constexpr,
+           BIAS: tl.constexpr, ASM: tl.constexpr, ZERO_IN_TILE: tl.constexpr, SCALE_IN_TILE: tl.constexpr,
+           DOT_PRECISION: tl.constexpr):
+    """acc: [BLOCK_N, BLOCK_M] fp32, plus one block: s * (W · xᵀ) with W = q - z.
+
+    wq: [BLOCK_N, BLOCK_K // P] weight words, xw: [BLOCK_M, BLOCK_K // P] x words (P values each),
+    s, z: [BLOCK_N]. Plane r of the words holds k = k0 + P * i + r; the planes are laid side by
+    side (column r * BLOCK_K / P + i) in w and in x alike, so one dot sums over the whole block.
+    """
+    XBITS: tl.constexpr = DTYPE.primitive_bitwidth
+    XVAL: tl.constexpr = tl.int16 if XBITS == 16 else tl.int32
+    w = _dequant(_plane(wq, 0, SLOT, MAGIC, ASM), z, s, BIAS, ZERO_IN_TILE, SCALE_IN_TILE, DTYPE)
+    xt = xw.to(XVAL).to(DTYPE, bitcast=True)
+    if P >= 2:
+        w1 = _dequant(_plane(wq, SLOT, SLOT, MAGIC, ASM), z, s, BIAS, ZERO_IN_TILE, SCALE_IN_TILE, DTYPE)
+        w = _cat(w, w1)
+        xt = _cat(xt, (xw >> XBITS).to(XVAL).to(DTYPE, bitcast=True))
+    if P == 4:
+        w2 = _dequant(_plane(wq, 2 * SLOT, SLOT, MAGIC, ASM), z, s, BIAS, ZERO_IN_TILE, SCALE_IN_TILE, DTYPE)
+        w3 = _dequant(_plane(wq, 3 * SLOT, SLOT, MAGIC, ASM), z, s, BIAS, ZERO_IN_TILE, SCALE_IN_TILE, DTYPE)
+        w = _cat(w, _cat(w2, w3))
+        xt = _cat(xt, _cat((xw >> 2 * XBITS).to(XVAL).to(DTYPE, bitcast=True),
+                           (xw >> 3 * XBITS).to(XVAL).to(DTYPE, bitcast=True)))
+    # w: [BLOCK_N, BLOCK_K], xt: [BLOCK_M, BLOCK_K]
+    if SCALE_IN_TILE:
+        acc = tl.dot(w, tl.trans(xt), acc, input_precision=DOT_PRECISION)
+    else:
+        part = tl.dot(w, tl.trans(xt), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
+        if not ZERO_IN_TILE:  # Σ (BIAS + q) x - (BIAS + z) Σ x
+            sx = tl.sum(xt.to(tl.float32), axis=1)  # [BLOCK_M]
+            part -= (z.to(tl.float32) + BIAS)[:, None] * sx[None, :]
+        acc += part * s.to(tl.float32)[:, None]
+    return acc
+
+
+@triton.jit
+def _wq_kernel(
     # tensors
-    x_ptr,  # x: [M, K], M <= 16
-    qw_ptr, s_ptr, z_ptr,  # the quantized weight (see _dequant_tile)
+    x_ptr,  # x: [M, K]
+    qw_ptr,  # qw: [N, K // 2] (BITS <= 4, low nibble = even k) or [N, K] (BITS == 8) uint8
+    s_ptr, z_ptr,  # scales, zeros: [N, K // GROUP_SIZE]
     bias_ptr,  # bias: [N], read if HAS_BIAS
     y_ptr,  # y: [M, N]
-    ws_ptr,  # ws: [SPLIT_K, BLOCK_M, N] fp32 partial sums (SPLIT_K > 1)
-    count_ptr,  # count: [cdiv(N, BLOCK_N)] int32, zero between calls (SPLIT_K > 1)
+    ws_ptr,  # ws: [SPLIT_K, M, N] fp32 partial sums (SPLIT_K > 1)
+    count_ptr,  # count: [number of output tiles] int32, zero between calls (SPLIT_K > 1)
     # sizes and strides (inner strides are 1)
     M, N, K,
     M_BUCKET,  # autotuning key only
     stride_xm, stride_qn, stride_sn, stride_ym,
     # meta-parameters
     GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # min(GROUP_SIZE, 128): a block lies in one group
+    FAST_UNPACK: tl.constexpr,  # inline PTX for the nibbles (not under the interpreter)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, SUB: tl.constexpr,
+    SCALE_IN_TILE: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
+    # output tiles: row tiles inner, so the programs that share a weight tile run together
+    pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    offs_m = tl.arange(0, BLOCK_M)
+    num_m = tl.cdiv(M, BLOCK_M)
+    pid_m = pid % num_m
+    pid_n = pid // num_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    rows = offs_n % N  # wrapped so loads stay in bounds; stores are masked
-    x_rows = x_ptr + (offs_m % M)[:, None] * stride_xm  # [BLOCK_M, 1]
-    num_kb = K // BLOCK_K
-    kb_per_split = tl.cdiv(num_kb, SPLIT_K)
-    kb_end = min(num_kb, (pid_k + 1) * kb_per_split)
+    rows = offs_n % N  # weight rows, wrapped so loads stay in bounds; stores are masked
+    m_rows = offs_m % M  # x rows, likewise (rows past M: copies)
 
-    if BLOCK_M == 1:  # GEMV: products on CUDA cores, one reduction at the end
-        acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for kb in range(pid_k * kb_per_split, kb_end):
-            w = _dequant_tile(qw_ptr, s_ptr, z_ptr, rows, kb * BLOCK_K, stride_qn, stride_sn,
-                              GROUP_SIZE, BITS, BLOCK_K, x_ptr.dtype.element_ty)  # [BLOCK_N, BLOCK_K]
-            x = tl.load(x_rows + kb * BLOCK_K + offs_k[None, :])  # [1, BLOCK_K]
-            acc2 += w.to(tl.float32) * x.to(tl.float32)
-        acc = tl.sum(acc2, axis=1)[None, :]  # [1, BLOCK_N]
-    else:  # 2..16 rows: a 16-row tensor-core dot, rows past M are copies that the store drops
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for kb in range(pid_k * kb_per_split, kb_end):
-            w = _dequant_tile(qw_ptr, s_ptr, z_ptr, rows, kb * BLOCK_K, stride_qn, stride_sn,
-                              GROUP_SIZE, BITS, BLOCK_K, x_ptr.dtype.element_ty)
-            x = tl.load(x_rows + kb * BLOCK_K + offs_k[None, :])  # [BLOCK_M, BLOCK_K]
-            acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    # words of P values (module docstring): weight words hold P nibbles (or one byte), x words P values
+    DTYPE: tl.constexpr = x_ptr.dtype.element_ty
+    XBITS: tl.constexpr = DTYPE.primitive_bitwidth
+    SLOT: tl.constexpr = 4 if BITS <= 4 else 8  # bits per stored value
+    P: tl.constexpr = 1 if SLOT == 8 else (4 if XBITS == 16 and BLOCK_K >= 64 else 2)
+    WORD: tl.constexpr = tl.uint8 if P * SLOT == 8 else tl.int16
+    XWORD: tl.constexpr = tl.int16 if P * XBITS == 16 else (tl.int32 if P * XBITS == 32 else tl.int64)
+    MAGIC: tl.constexpr = 0x6400 if DTYPE == tl.float16 else (0x4300 if DTYPE == tl.bfloat16 and SLOT == 4 else 0)
+    BIAS: tl.constexpr = 8388608.0 if MAGIC == 0 else (1024.0 if DTYPE == tl.float16 else 128.0)
+    ASM: tl.constexpr = FAST_UNPACK and WORD == tl.int16
+    # the zero point: per weight in the tile, or (16-bit magic numbers, whose BIAS is small enough
+    # for fp32 sums) once per block and output: Σ (BIAS + q) x - (BIAS + z) Σ x
+    ZERO_IN_TILE: tl.constexpr = SCALE_IN_TILE or MAGIC == 0
+    offs_i = tl.arange(0, BLOCK_K // P)
+    w_ptrs = qw_ptr.to(tl.pointer_type(WORD)) + rows[:, None] * (stride_qn // (P * SLOT // 8)) + offs_i[None, :]
+    x_ptrs = x_ptr.to(tl.pointer_type(XWORD)) + m_rows[:, None] * (stride_xm // P) + offs_i[None, :]
+    s_ptrs = s_ptr + rows * stride_sn
+    z_ptrs = z_ptr + rows * stride_sn
 
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    if SPLIT_K > 1:  # publish the partial sum; the last split of this column tile reduces them all
-        ws_tile = ws_ptr + offs_m[:, None] * N + offs_n[None, :]  # [BLOCK_M, BLOCK_N]
-        tl.store(ws_tile + pid_k * BLOCK_M * N, acc, mask=mask)
+    # SUB blocks per iteration; split-K hands each program a run of iterations
+    num_it = K // (SUB * BLOCK_K)
+    it_per_split = tl.cdiv(num_it, SPLIT_K)
+    it_begin = pid_k * it_per_split
+    it_end = min(num_it, it_begin + it_per_split)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)  # yᵀ tile
+    # x, scales and zeros are loaded an iteration ahead (the weight tiles are pipelined by the
+    # compiler); under SUB == 1 the "_1" operands repeat block 0's
+    kb = min(it_begin, num_it - 1) * SUB
+    x_0 = tl.load(x_ptrs + kb * (BLOCK_K // P))
+    s_0 = tl.load(s_ptrs + kb * BLOCK_K // GROUP_SIZE)
+    z_0 = tl.load(z_ptrs + kb * BLOCK_K // GROUP_SIZE)
+    x_1 = tl.load(x_ptrs + (kb + SUB - 1) * (BLOCK_K // P))
+    s_1 = tl.load(s_ptrs + (kb + SUB - 1) * BLOCK_K // GROUP_SIZE)
+    z_1 = tl.load(z_ptrs + (kb + SUB - 1) * BLOCK_K // GROUP_SIZE)
+    for it in range(it_begin, it_end):
+        xw0, s0, z0, xw1, s1, z1 = x_0, s_0, z_0, x_1, s_1, z_1  # [BLOCK_M, BLOCK_K // P] XWORD, [BLOCK_N]
+        kb = it * SUB
+        kb_next = min(it + 1, num_it - 1) * SUB
+        x_0 = tl.load(x_ptrs + kb_next * (BLOCK_K // P))
+        s_0 = tl.load(s_ptrs + kb_next * BLOCK_K // GROUP_SIZE)
+        z_0 = tl.load(z_ptrs + kb_next * BLOCK_K // GROUP_SIZE)
+        x_1 = tl.load(x_ptrs + (kb_next + SUB - 1) * (BLOCK_K // P))
+        s_1 = tl.load(s_ptrs + (kb_next + SUB - 1) * BLOCK_K // GROUP_SIZE)
+        z_1 = tl.load(z_ptrs + (kb_next + SUB - 1) * BLOCK_K // GROUP_SIZE)
+        if ZERO_IN_TILE:  # loaded here: a zero point carried from the last iteration pins the tile's layout
+            z0 = tl.load(z_ptrs + kb * BLOCK_K // GROUP_SIZE)
+            z1 = tl.load(z_ptrs + (kb + SUB - 1) * BLOCK_K // GROUP_SIZE)
+        wq = tl.load(w_ptrs + kb * (BLOCK_K // P))  # [BLOCK_N, BLOCK_K // P] WORD
+        acc = _block(acc, wq, xw0, s0, z0,
+                     DTYPE, P, SLOT, MAGIC, BIAS, ASM, ZERO_IN_TILE, SCALE_IN_TILE, DOT_PRECISION)
+        if SUB == 2:
+            wq = tl.load(w_ptrs + (kb + 1) * (BLOCK_K // P))
+            acc = _block(acc, wq, xw1, s1, z1,
+                         DTYPE, P, SLOT, MAGIC, BIAS, ASM, ZERO_IN_TILE, SCALE_IN_TILE, DOT_PRECISION)
+
+    mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)  # [BLOCK_N, BLOCK_M]
+    if SPLIT_K > 1:  # publish the partial sum; the last split of this output tile reduces them all
+        ws_tile = ws_ptr + offs_m[None, :] * N + offs_n[:, None]  # [BLOCK_N, BLOCK_M]
+        tl.store(ws_tile + pid_k * M * N, acc, mask=mask)
         tl.debug_barrier()  # every thread's partial is written before the counter moves
-        arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        arrived = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel", scope="gpu")
         if arrived == SPLIT_K - 1:
-            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for s in range(SPLIT_K):
-                acc += tl.load(ws_tile + s * BLOCK_M * N, mask=mask, other=0.0, cache_modifier=".cg")
-            tl.atomic_xchg(count_ptr + pid_n, 0)  # zero again for the next call
+            acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+            for sk in range(SPLIT_K):
+                acc += tl.load(ws_tile + sk * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(count_ptr + pid, 0)  # zero again for the next call
             _store_output(y_ptr, bias_ptr, acc, offs_m, offs_n, rows, mask, stride_ym, HAS_BIAS)
     else:
         _store_output(y_ptr, bias_ptr, acc, offs_m, offs_n, rows, mask, stride_ym, HAS_BIAS)
@@ -175,52 +279,17 @@ def _wq_gemv_kernel(
 
 @triton.jit
 def _store_output(y_ptr, bias_ptr, acc, offs_m, offs_n, cols, mask, stride_ym, HAS_BIAS: tl.constexpr):
-    """acc: [BLOCK_M, BLOCK_N] fp32 (+ bias, in fp32 as a GEMM epilogue does) -> y, cast once."""
+    """acc: [BLOCK_N, BLOCK_M] fp32 yᵀ (+ bias, in fp32 as a GEMM epilogue does) -> y, cast once."""
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+        acc += tl.load(bias_ptr + cols).to(tl.float32)[:, None]
+    tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(
-    configs=_GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "GROUP_SIZE"], prune_configs_by={"early_config_prune": _prune},
-    do_bench=_quick_bench,
-)
-@triton.jit
-def _wq_gemm_kernel(
-    # tensors
-    x_ptr,  # x: [M, K]
-    qw_ptr, s_ptr, z_ptr,  # the quantized weight (see _dequant_tile)
-    bias_ptr,  # bias: [N], read if HAS_BIAS
-    y_ptr,  # y: [M, N]
-    # sizes and strides (inner strides are 1)
-    M, N, K,
-    M_BUCKET,  # autotuning key only
-    stride_xm, stride_qn, stride_sn, stride_ym,
-    # meta-parameters
-    GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    # column tiles outer, row tiles inner: the programs that share a weight tile run together
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    pid_m = pid % num_m
-    pid_n = pid // num_m
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    rows = offs_n % N  # wrapped so loads stay in bounds; stores are masked
-    x_ptrs = x_ptr + (offs_m % M)[:, None] * stride_xm + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
-
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        w = _dequant_tile(qw_ptr, s_ptr, z_ptr, rows, k0, stride_qn, stride_sn,
-                          GROUP_SIZE, BITS, BLOCK_K, x_ptr.dtype.element_ty)  # [BLOCK_N, BLOCK_K]
-        acc = tl.dot(tl.load(x_ptrs), tl.trans(w), acc, input_precision=DOT_PRECISION)
-        x_ptrs += BLOCK_K
-
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    _store_output(y_ptr, bias_ptr, acc, offs_m, offs_n, rows, mask, stride_ym, HAS_BIAS)
-
+_AUTOTUNE = dict(key=["M_BUCKET", "N", "K", "GROUP_SIZE"], prune_configs_by={"early_config_prune": _prune},
+                 do_bench=_quick_bench)
+_wq_gemv_kernel = triton.autotune(configs=_DECODE_CONFIGS, **_AUTOTUNE)(_wq_kernel)  # M <= 16
+_wq_gemm_kernel = triton.autotune(configs=_GEMM_CONFIGS, **_AUTOTUNE)(_wq_kernel)  # M > 16
+_MAX_SPLIT_K = {k: max(c.kwargs["SPLIT_K"] for c in k.configs) for k in (_wq_gemv_kernel, _wq_gemm_kernel)}
 
 _counters = {}  # device -> int32 split-K arrival counters, all zero between launches
 
@@ -242,13 +311,13 @@ def linear_wq(
     group_size: int,
     bits: int,
 ) -> torch.Tensor:
-    """Same function as `torch.ops.llmopt.linear_wq`, one Triton launch (GEMV for M <= 16, else GEMM)."""
+    """Same function as `torch.ops.llmopt.linear_wq`, one Triton launch."""
     assert bits in (3, 4, 8), f"bits={bits}: 3/4-bit (4-bit slots) and 8-bit are supported"
     lead, k = x.shape[:-1], x.shape[-1]
     n = qweight.shape[0]
     assert qweight.dtype == torch.uint8 and qweight.shape[1] == (k // 2 if bits <= 4 else k)
     assert scales.shape == zeros.shape == (n, k // group_size) and k % group_size == 0
-    assert group_size >= 16 and group_size & (group_size - 1) == 0, "group_size: a power of two >= 16"
+    assert group_size >= 32 and group_size & (group_size - 1) == 0, "group_size: a power of two >= 32"
     x2 = x.reshape(-1, k).contiguous()  # x2: [M, K]
     m = x2.shape[0]
     qweight, scales = qweight.contiguous(), scales.contiguous()
@@ -257,23 +326,19 @@ def linear_wq(
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)  # y: [M, N]
     if m == 0:
         return y.reshape(*lead, n)
-    common = dict(
+    kernel = _wq_gemv_kernel if m <= DECODE_MAX_M else _wq_gemm_kernel
+    if m <= SPLIT_MAX_M:
+        ws = torch.empty(_MAX_SPLIT_K[kernel], m, n, dtype=torch.float32, device=x.device)  # ws: [S, M, N]
+        counters = _split_k_counters(x.device, triton.cdiv(m, _MIN_TILE) * triton.cdiv(n, _MIN_TILE))
+    else:  # no split-K config runs: placeholders
+        ws, counters = y, y
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
+    kernel[grid](
+        x2, qweight, scales, zeros, bias if bias is not None else scales, y, ws, counters,
+        m, n, k, min(triton.next_power_of_2(m), 4096),
+        x2.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
         GROUP_SIZE=group_size, BITS=bits, HAS_BIAS=bias is not None,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", BLOCK_K=min(group_size, 128),
+        FAST_UNPACK=not _INTERPRET,
     )
-    b = bias if bias is not None else scales
-    if m <= DECODE_MAX_M:
-        ws = torch.empty(_MAX_SPLIT_K, DECODE_MAX_M, n, dtype=torch.float32, device=x.device)  # ws: [S, 16, N]
-        counters = _split_k_counters(x.device, triton.cdiv(n, 8))
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
-        _wq_gemv_kernel[grid](
-            x2, qweight, scales, zeros, b, y, ws, counters, m, n, k, triton.next_power_of_2(m),
-            x2.stride(0), qweight.stride(0), scales.stride(0), y.stride(0), **common,
-        )
-    else:
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-        _wq_gemm_kernel[grid](
-            x2, qweight, scales, zeros, b, y, m, n, k, min(triton.next_power_of_2(m), 4096),
-            x2.stride(0), qweight.stride(0), scales.stride(0), y.stride(0), **common,
-        )
     return y.reshape(*lead, n)
