@@ -11,7 +11,16 @@ Entry points:
 
 The weight stays in its canonical `[N, K]` row-major int8 layout: that is already K-major for the
 B operand, which is what int8 tensor-core instructions read, so there is no repacking step.
-Autotuned per (M bucket, N, K) and GPU.
+
+Two GEMM kernels, one epilogue (`_scaled`):
+- `_w8a8_gemm_kernel`, on Hopper (compute capability 9.x) for prefill-sized M (>= 1024 rows), a
+  16-bit output, and operands that suit the tensor memory accelerator (`_use_tma`): persistent (one
+  program per SM, walking output tiles in grouped order), A and B tiles loaded by TMA through
+  host-side tensor descriptors, the residual loaded and the output stored by TMA. TMA zero-fills
+  reads past M and K and clips writes past M and N, so there are no masks but the scales';
+- `_w8a8_gemm_pointer_kernel`, everywhere else (fewer rows, other GPUs, unaligned shapes, the
+  Triton interpreter): one program per tile, pointer loads.
+Both are autotuned per (M bucket, N, K) and GPU.
 """
 from typing import Optional
 
@@ -19,12 +28,15 @@ import torch
 import triton
 import triton.language as tl
 import triton.testing
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from llmopt.codegen.kernels.quantize_rows import quantize_rows
 
+_INTERPRET = triton.knobs.runtime.interpret
 
-def _configs():
-    if triton.knobs.runtime.interpret:  # one small config: the interpreter runs each program in Python
+
+def _pointer_configs():
+    if _INTERPRET:  # one small config: the interpreter runs each program in Python
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
     shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
         (128, 256, 128, 8, 3), (256, 128, 128, 8, 3), (128, 256, 128, 8, 4), (256, 128, 128, 8, 4),
@@ -34,6 +46,32 @@ def _configs():
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
         for m, n, k, w, s in shapes
+    ]
+
+
+def _set_block_shapes(nargs):
+    """Autotuning pre-hook: the descriptors' block shapes follow the config being launched."""
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    nargs["a_desc"].block_shape = [bm, bk]
+    nargs["b_desc"].block_shape = [bn, bk]
+    nargs["c_desc"].block_shape = nargs["r_desc"].block_shape = [bm, bn // 2 if nargs["SUBTILE"] else bn]
+
+
+def _tma_configs():
+    if _INTERPRET:  # one small config; subtiled, so the interpreter runs the split epilogue
+        shapes = [(32, 32, 32, 4, 1, True)]
+    else:  # measured on the H200: 256x128x128 with 4 stages (224 KB of shared memory) leads at most shapes;
+        # the autotuner skips configs that overflow shared memory (4 stages plus a residual block)
+        shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, epilogue in two halves)
+            (256, 128, 128, 8, 4, True), (256, 128, 128, 8, 3, True), (128, 256, 128, 8, 3, False),
+            (128, 256, 128, 8, 4, True), (128, 128, 128, 4, 4, False),
+        ]
+    return [
+        triton.Config(
+            {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8, "SUBTILE": sub},
+            num_warps=w, num_stages=s, pre_hook=_set_block_shapes,
+        )
+        for m, n, k, w, s, sub in shapes
     ]
 
 
@@ -48,12 +86,112 @@ def _prune(configs, named_args, **kwargs):
     return fitting or configs[-1:]
 
 
+@triton.jit
+def _tile_coords(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Tile index -> (row tile, column tile), grouped: GROUP_M row tiles share each weight column
+    tile while it is in L2."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group_id = tile // (GROUP_M * num_n)
+    first_m = group_id * GROUP_M
+    group_rows = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (tile % (GROUP_M * num_n)) % group_rows
+    pid_n = (tile % (GROUP_M * num_n)) // group_rows
+    return pid_m, pid_n
+
+
+@triton.jit
+def _scaled(
+    acc,  # acc: [BM, BN] int32, rows offs_m and columns offs_n of q @ Wᵀ
+    offs_m, offs_n,  # [BM], [BN]
+    M, N, sa_ptr, stride_sam, sb_ptr, bias_ptr,
+    HAS_BIAS: tl.constexpr,
+):
+    """-> [BM, BN] fp32 (acc * s_x) * s_w + bias, the reference's order; callers add the residual."""
+    sa = tl.load(sa_ptr + offs_m * stride_sam, mask=offs_m < M, other=0.0)  # [BM]
+    sb = tl.load(sb_ptr + offs_n, mask=offs_n < N, other=0.0)  # [BN]
+    y = acc.to(tl.float32) * sa[:, None] * sb[None, :]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    return y
+
+
+@triton.jit
+def _finish_tma(
+    acc,  # acc: [BM, BN] int32, the output block at rows m0.., columns n0..
+    m0, n0, M, N, sa_ptr, stride_sam, sb_ptr, bias_ptr,
+    r_desc, c_desc,  # residual (read if HAS_RESIDUAL) and output, blocks [BM, BN]
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+):
+    """The TMA kernel's epilogue for one block: scales and bias, the residual read by TMA (straight
+    into shared memory, no layout-conversion scratch), the cast, the store by TMA."""
+    offs_m = m0 + tl.arange(0, BM)
+    offs_n = n0 + tl.arange(0, BN)
+    y = _scaled(acc, offs_m, offs_n, M, N, sa_ptr, stride_sam, sb_ptr, bias_ptr, HAS_BIAS)
+    if HAS_RESIDUAL:
+        y += r_desc.load([m0, n0]).to(tl.float32)
+    c_desc.store([m0, n0], y.to(c_desc.dtype))
+
+
 @triton.autotune(
-    configs=_configs(), key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune}, do_bench=_quick_bench,
+    configs=_tma_configs(), key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune},
+    do_bench=_quick_bench,
+)
+@triton.jit
+def _w8a8_gemm_kernel(
+    # TMA descriptors (block shapes set by `_set_block_shapes`)
+    a_desc,  # a: [M, K] int8, quantized activations; blocks [BLOCK_M, BLOCK_K]
+    b_desc,  # b: [N, K] int8, weight; blocks [BLOCK_N, BLOCK_K]
+    c_desc,  # c: [M, N] output in the activation dtype; blocks [BLOCK_M, BLOCK_N (/ 2 if SUBTILE)]
+    r_desc,  # res: [M, N] residual, read if HAS_RESIDUAL; blocks as c's
+    # epilogue operands
+    sa_ptr,  # sa: [M] fp32 row scales (row stride 0 for a static per-tensor scale)
+    sb_ptr,  # sb: [N] fp32 column scales
+    bias_ptr,  # bias: [N], read if HAS_BIAS
+    M, N, K,
+    M_BUCKET,  # autotuning key only
+    stride_sam,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SUBTILE: tl.constexpr,  # epilogue in two column halves: half the registers and staging memory
+):
+    # persistent: program p takes tiles p, p + programs, ...; the flattened loop lets the next
+    # tile's loads start during this tile's epilogue
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    step = tl.num_programs(0)
+    tile_c = tl.program_id(0) - step  # the epilogue's own tile counter, as in Triton's persistent matmul
+    for tile in tl.range(tl.program_id(0), num_tiles, step, flatten=True):
+        pid_m, pid_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+        for k0 in range(0, K, BLOCK_K):
+            a = a_desc.load([pid_m * BLOCK_M, k0])  # [BLOCK_M, BLOCK_K]
+            b = b_desc.load([pid_n * BLOCK_N, k0])  # [BLOCK_N, BLOCK_K]
+            acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+
+        tile_c += step
+        pid_m, pid_n = _tile_coords(tile_c, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        m0 = pid_m * BLOCK_M
+        n0 = pid_n * BLOCK_N
+        if SUBTILE:
+            halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))  # [BLOCK_M, BLOCK_N // 2, 2]
+            acc0, acc1 = tl.split(halves)  # [BLOCK_M, BLOCK_N // 2] each
+            _finish_tma(acc0, m0, n0, M, N, sa_ptr, stride_sam, sb_ptr, bias_ptr, r_desc, c_desc,
+                        HAS_BIAS, HAS_RESIDUAL, BLOCK_M, BLOCK_N // 2)
+            _finish_tma(acc1, m0, n0 + BLOCK_N // 2, M, N, sa_ptr, stride_sam, sb_ptr, bias_ptr, r_desc, c_desc,
+                        HAS_BIAS, HAS_RESIDUAL, BLOCK_M, BLOCK_N // 2)
+        else:
+            _finish_tma(acc, m0, n0, M, N, sa_ptr, stride_sam, sb_ptr, bias_ptr, r_desc, c_desc,
+                        HAS_BIAS, HAS_RESIDUAL, BLOCK_M, BLOCK_N)
+
+
+@triton.autotune(
+    configs=_pointer_configs(), key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune},
+    do_bench=_quick_bench,
 )
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
-def _w8a8_gemm_kernel(
+def _w8a8_gemm_pointer_kernel(
     # int8 operands
     a_ptr,  # a: [M, K] int8, quantized activations
     b_ptr,  # b: [N, K] int8, weight
@@ -71,20 +209,11 @@ def _w8a8_gemm_kernel(
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # grouped launch order: GROUP_M row tiles share each weight column tile while it is in L2
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group_id = pid // (GROUP_M * num_n)
-    first_m = group_id * GROUP_M
-    group_rows = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_n)) % group_rows
-    pid_n = (pid % (GROUP_M * num_n)) // group_rows
-
+    pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    rows = offs_m % M  # wrapped so every load is in bounds; the store masks the extra rows
+    rows = offs_m % M  # wrapped so every operand load is in bounds; the epilogue masks the extra rows
     cols = offs_n % N
     a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
     b_ptrs = b_ptr + cols[None, :] * stride_bn + offs_k[:, None]  # [BLOCK_K, BLOCK_N], a view of Wᵀ
@@ -101,16 +230,38 @@ def _w8a8_gemm_kernel(
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
 
-    # epilogue, in fp32 and in the reference's order: ((acc * s_x) * s_w + bias) + residual
-    sa = tl.load(sa_ptr + rows * stride_sam)  # [BLOCK_M]
-    sb = tl.load(sb_ptr + cols)  # [BLOCK_N]
-    y = acc.to(tl.float32) * sa[:, None] * sb[None, :]
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+    y = _scaled(acc, offs_m, offs_n, M, N, sa_ptr, stride_sam, sb_ptr, bias_ptr, HAS_BIAS)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if HAS_RESIDUAL:
         y += tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
     tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], y.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+_TMA_MIN_ROWS = 1024  # below, the pointer kernel's small tiles (several per SM) fill the GPU better
+
+
+def _has_tma(device: torch.device) -> bool:
+    """Hopper's tensor memory accelerator, which the TMA kernel's configs are tuned for."""
+    return device.type == "cuda" and not _INTERPRET and torch.cuda.get_device_capability(device)[0] == 9
+
+
+def _use_tma(
+    q: torch.Tensor, weight: torch.Tensor, c: torch.Tensor, res: torch.Tensor,  # [M, K], [N, K], [M, N], [M, N]
+) -> bool:
+    """The TMA kernel: prefill-sized M on Hopper, 16-bit output and residual (the configs' shared
+    memory fits 2-byte epilogue blocks), and TMA's rules: 16-byte aligned bases and row strides."""
+    tensors = (q, weight, c, res)
+    return (
+        q.shape[0] >= _TMA_MIN_ROWS and _has_tma(q.device) and c.element_size() == 2 and res.element_size() == 2
+        and all(t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0 for t in tensors)
+    )
+
+
+def _num_programs(device: torch.device) -> int:
+    """The persistent grid: one program per SM (two under the interpreter, to exercise the tile loop)."""
+    if device.type != "cuda":
+        return 2
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def int8_gemm_scaled(
@@ -134,15 +285,22 @@ def int8_gemm_scaled(
         return c
     if residual is not None:
         assert residual.shape == (m, n) and residual.stride(1) == 1
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-    _w8a8_gemm_kernel[grid](
-        q, weight, sa, weight_scale, bias if bias is not None else weight_scale,
-        residual if residual is not None else c, c,
-        m, n, k, min(triton.next_power_of_2(m), 4096),
-        q.stride(0), weight.stride(0), sa.stride(0),
-        residual.stride(0) if residual is not None else 0, c.stride(0),
-        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-    )
+    res = residual if residual is not None else c  # res: [M, N], read if HAS_RESIDUAL
+    scales = (sa, weight_scale, bias if bias is not None else weight_scale)
+    m_bucket = min(triton.next_power_of_2(m), 4096)
+    flags = {"HAS_BIAS": bias is not None, "HAS_RESIDUAL": residual is not None}
+    if _use_tma(q, weight, c, res):
+        block = [1, 1]  # placeholder: `_set_block_shapes` sets each config's blocks
+        descs = [TensorDescriptor.from_tensor(t, block) for t in (q, weight, c, res)]
+        programs = _num_programs(q.device)
+        grid = lambda meta: (min(programs, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)
+        _w8a8_gemm_kernel[grid](*descs, *scales, m, n, k, m_bucket, sa.stride(0), **flags)
+    else:
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+        _w8a8_gemm_pointer_kernel[grid](
+            q, weight, *scales, res, c, m, n, k, m_bucket,
+            q.stride(0), weight.stride(0), sa.stride(0), res.stride(0), c.stride(0), **flags,
+        )
     return c
 
 

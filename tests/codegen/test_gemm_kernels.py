@@ -122,6 +122,31 @@ def test_linear_w8a8_random_shapes(m, n, k, seed):
     _assert_close(y, torch.ops.llmopt.linear_w8a8(x3, w, w_scale, b, None), W8A8_TOL[torch.float16])
 
 
+@pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if HAS_CUDA else []))
+@pytest.mark.parametrize(
+    "m,n,k,bias,static,residual",
+    [(1, 48, 64, False, False, False), (17, 80, 160, True, False, True), (33, 72, 48, True, True, False), (70, 40, 96, True, False, True)],
+)
+def test_linear_w8a8_tma_kernel(monkeypatch, m, n, k, dtype, bias, static, residual):
+    """The Hopper kernel (TMA descriptors, persistent tile loop, split epilogue; 16-bit outputs) at
+    16-byte aligned shapes, forced on at any M; under the interpreter its persistent grid is two
+    programs, and k = 48 leaves a K tail that TMA zero-fills."""
+    from llmopt.codegen.kernels import w8a8_gemm
+
+    if HAS_CUDA and torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("TMA kernel: Hopper only")
+    monkeypatch.setattr(w8a8_gemm, "_has_tma", lambda device: True)
+    monkeypatch.setattr(w8a8_gemm, "_TMA_MIN_ROWS", 1)
+    monkeypatch.setattr(w8a8_gemm, "_w8a8_gemm_pointer_kernel", None)  # taking the other path fails
+    gen = torch.Generator().manual_seed(m * 7919 + n * 31 + k)
+    x, w, w_scale, b, res = _w8a8_inputs(m, n, k, dtype, gen)
+    b = b if bias else None
+    act_scale = x.float().abs().amax().reshape(1) / 127.0 if static else None
+    y = linear_w8a8(x, w, w_scale, b, act_scale, res if residual else None)
+    ref = torch.ops.llmopt.linear_w8a8(x, w, w_scale, b, act_scale)
+    _assert_close(y, ref + res if residual else ref, W8A8_TOL[dtype])
+
+
 # ---- W4A16 (and W3, W8) -----------------------------------------------------------------------
 
 
