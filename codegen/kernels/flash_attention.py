@@ -162,12 +162,14 @@ def _launch(q, k, v, out, cu_q, cu_k, strides, seq_q, seq_k, batch, num_q_heads,
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:
-    """q: [B, Hq, T, D], k/v: [B, Hkv, S, D] -> out: [B, Hq, T, D] (the dtype of q)."""
+    """q: [B, Hq, T, D], k/v: [B, Hkv, S, D] -> out: [B, Hq, T, D] (the dtype of q), stored token-major
+    ([B, T, Hq, D] memory, as a transposed view): the models' next step, `out.transpose(1, 2)` then a
+    reshape to [B, T, Hq·D] for o_proj, is then a free view and o_proj's input is read contiguously."""
     _check(q, k, v)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    batch, num_q_heads, seq_q, _ = q.shape
+    batch, num_q_heads, seq_q, head_dim = q.shape
     num_kv_heads, seq_k = k.shape[1], k.shape[2]
-    out = torch.empty_like(q)  # [B, Hq, T, D]
+    out = torch.empty(batch, seq_q, num_q_heads, head_dim, dtype=q.dtype, device=q.device).transpose(1, 2)  # [B, Hq, T, D]
     strides = [q.stride(0), q.stride(2), q.stride(1), k.stride(0), k.stride(2), k.stride(1),
                v.stride(0), v.stride(2), v.stride(1), out.stride(0), out.stride(2), out.stride(1)]
     return _launch(q, k, v, out, q, k, strides, seq_q, seq_k, batch, num_q_heads, num_kv_heads, seq_q, scale, causal, False)
