@@ -16,6 +16,9 @@ Two graphs are kept. When the caller gives no `position_ids`, every row holds po
 attention mask transformers builds from them is exactly the causal mask, so the first graph calls the
 causal kernel and drops the mask computation; with explicit `position_ids` (packed or shifted
 sequences), the second graph keeps the mask and runs attention on the reference op.
+On CUDA, calls go through a `runtime.cuda_graphs.GraphCache`: a shape called again is captured into a
+CUDA graph and replayed when that measures faster than launching the kernels from Python
+(`cuda_graphs=False` turns it off).
 """
 import torch
 from torch.fx import GraphModule
@@ -53,13 +56,22 @@ def _templates(causal_positions: bool) -> dict:
 class LoweredProgram:
     """The Program's graph with Triton kernels in place of reference ops; see the module docstring."""
 
-    def __init__(self, program, fuse: bool = True):
+    def __init__(self, program, fuse: bool = True, cuda_graphs: bool = True):
+        from llmopt.runtime.cuda_graphs import GraphCache
+
         self.program = program
         self.causal_gm = _lowered_graph(program, causal_positions=True, fuse=fuse)
         self.general_gm = _lowered_graph(program, causal_positions=False, fuse=fuse)
         self.sparse = use_semi_structured(program, [self.causal_gm, self.general_gm])  # 2:4 linears (codegen/sparse.py)
+        self.graphs = GraphCache(self._run) if cuda_graphs else None  # repeated shapes replay (runtime/cuda_graphs.py)
 
     def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor = None) -> torch.Tensor:
+        """input_ids: [B, T] (positions 0..T-1 unless `position_ids` [B, T] is given) -> logits [B, T, V]."""
+        if self.graphs is not None:
+            return self.graphs(input_ids, position_ids)
+        return self._run(input_ids, position_ids)
+
+    def _run(self, input_ids: torch.Tensor, position_ids: torch.Tensor = None) -> torch.Tensor:
         from llmopt.program import run_logits
 
         if position_ids is None:
@@ -71,8 +83,8 @@ class LoweredProgram:
         return dump_kernels(self.program, directory)
 
 
-def lower(program, fuse: bool = True) -> LoweredProgram:
-    return LoweredProgram(program, fuse=fuse)
+def lower(program, fuse: bool = True, cuda_graphs: bool = True) -> LoweredProgram:
+    return LoweredProgram(program, fuse=fuse, cuda_graphs=cuda_graphs)
 
 
 def dump_kernels(program, directory) -> list:

@@ -1,0 +1,79 @@
+"""runtime.cuda_graphs.GraphCache: eager off the GPU; on the H200, replays equal eager calls."""
+import pytest
+import torch
+
+from llmopt.runtime.cuda_graphs import GraphCache
+
+
+def _many_small_ops(x, y):  # x: [N, K], y: [N, K] or None
+    out = x
+    for _ in range(20):
+        out = torch.sin(out) * 1.01 + (0 if y is None else y)
+    return out
+
+
+def test_off_the_gpu_every_call_is_fn():
+    calls = []
+    cache = GraphCache(lambda x, y: calls.append(1) or _many_small_ops(x, y))
+    x = torch.randn(4, 8)
+    for _ in range(3):
+        torch.testing.assert_close(cache(x, None), _many_small_ops(x, None), rtol=0, atol=0)
+    assert len(calls) == 3 and not cache.entries
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: run with -m gpu on the H200")
+def test_replays_match_eager_for_new_inputs_of_a_seen_shape():
+    cache = GraphCache(_many_small_ops, max_entries=2)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for step in range(5):  # calls 1 (eager), 2 (capture + timing), 3.. (graph or eager, whichever was faster)
+        x, y = (torch.randn(64, 256, device="cuda", generator=gen) for _ in range(2))
+        got = cache(x, y)
+        torch.testing.assert_close(got, _many_small_ops(x, y), rtol=0, atol=0)
+        assert got.data_ptr() != x.data_ptr()
+    (entry,) = cache.entries.values()
+    assert entry.calls == 5 and not entry.failure
+    assert entry.graph_ms == entry.graph_ms and entry.eager_ms == entry.eager_ms  # both timed (not NaN)
+    assert (entry.graph is not None) == (entry.graph_ms < entry.eager_ms)
+    assert entry.graph is not None, cache.summary()  # 20 tiny launches: the graph wins
+    for n in (32, 16, 8):  # more shapes than max_entries: the least recently used go
+        cache(torch.randn(n, 256, device="cuda"), None)
+    assert len(cache.entries) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: run with -m gpu on the H200")
+def test_a_capture_that_fails_stays_eager_and_correct():
+    def syncs(x):  # .item() synchronizes, which capture forbids
+        return x * float(x.sum().item())
+
+    cache = GraphCache(syncs)
+    x = torch.randn(8, 8, device="cuda")
+    for _ in range(3):
+        torch.testing.assert_close(cache(x), syncs(x))
+    (entry,) = cache.entries.values()
+    assert entry.graph is None and entry.failure.startswith("capture failed")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: run with -m gpu on the H200")
+def test_lowered_model_replays_equal_its_eager_calls():
+    import transformers as tf
+
+    import llmopt
+    from llmopt.codegen import lower
+    from llmopt.passes import FuseAttention
+    from llmopt.testing import build_model
+
+    config = tf.LlamaConfig(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+                            num_hidden_layers=2, vocab_size=512, max_position_embeddings=256)
+    cm = llmopt.compile(build_model(config, dtype=torch.bfloat16).cuda(), passes=[FuseAttention()], backend="triton")
+    eager = lower(cm.program, cuda_graphs=False)
+    graphed = lower(cm.program)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for _ in range(4):  # the same shape, new tokens every call
+        ids = torch.randint(0, 512, (2, 64), device="cuda", generator=gen)  # ids: [B, T]
+        torch.testing.assert_close(graphed(ids), eager(ids), rtol=0, atol=0)
+        pos = torch.arange(64, device="cuda").expand(2, 64) + 3  # shifted positions: the general graph
+        torch.testing.assert_close(graphed(ids, pos), eager(ids, pos), rtol=0, atol=0)
+    assert len(graphed.graphs.entries) == 2 and all(e.calls == 4 for e in graphed.graphs.entries.values())
