@@ -6,7 +6,9 @@ of its 32 layers, since every layer is the same work) runs a prefill of `--token
 - transformers eager with SDPA attention (the baseline users would otherwise pick),
 - llmopt backend="torch" (the captured ATen graph on PyTorch ops),
 - llmopt backend="triton" with FuseAttention (bf16),
-- llmopt SmoothQuant W8A8 with backend="triton" (when the W8A8 passes are installed).
+- llmopt SmoothQuant W8A8 with backend="triton" (when the W8A8 passes are installed),
+each triton case also with `cuda_graphs=False` (every kernel launched from Python on every call),
+since the lowered programs replay a repeated shape from a CUDA graph when that measures faster.
 Prints a table of milliseconds, tokens/s and speed-up over transformers.
 """
 import argparse
@@ -55,16 +57,22 @@ def run(args) -> list:
     del cm_torch
     cm_triton = llmopt.compile(model, passes=[P.FuseAttention()], backend="triton")
     case("llmopt backend=triton (bf16)", lambda: cm_triton(ids))
+    no_graphs = lower(cm_triton.program, cuda_graphs=False)
+    case("llmopt backend=triton (bf16), no CUDA graphs", lambda: no_graphs(ids))
     templates_only = lower(cm_triton.program, fuse=False)
     case("llmopt triton templates only, no generated fusion (bf16)", lambda: templates_only(ids))
-    del cm_triton, templates_only
+    del cm_triton, templates_only, no_graphs
     if hasattr(P, "SmoothQuant"):
         calib = torch.randint(0, 32000, (8, 512), device="cuda")
         cm_w8 = llmopt.compile(model, passes=[P.SmoothQuant(alpha=0.5), P.FuseAttention()], calibration=calib, backend="triton")
         case("llmopt SmoothQuant W8A8 backend=triton", lambda: cm_w8(ids))
+        w8_no_graphs = lower(cm_w8.program, cuda_graphs=False)
+        case("llmopt SmoothQuant W8A8 backend=triton, no CUDA graphs", lambda: w8_no_graphs(ids))
     base = rows[0]["ms"]
+    bf16 = next((r["ms"] for r in rows if r["case"] == "llmopt backend=triton (bf16)"), float("nan"))
     for r in rows:
         r["speed-up vs transformers"] = base / r["ms"]
+        r["speed-up vs llmopt triton bf16"] = bf16 / r["ms"]
     return rows
 
 
@@ -77,7 +85,7 @@ def main():
     print(header(ceilings))
     rows = run(args)
     print_table(f"Prefill of {args.tokens} tokens, Llama-2-7B shape ({args.layers} of 32 layers), batch 1",
-                ["case", "ms", "tokens/s", "speed-up vs transformers"], rows)
+                ["case", "ms", "tokens/s", "speed-up vs transformers", "speed-up vs llmopt triton bf16"], rows)
 
 
 if __name__ == "__main__":
