@@ -13,9 +13,11 @@ A CUDA graph replays all launches at once. Per key (shape, dtype and device of e
 3. later calls copy their inputs into the static buffers and replay, returning a copy of the
    graph's output (the buffer itself is overwritten by the next replay).
 Keys seen once never capture, so generation (a new length every step) stays eager; at most
-`max_entries` graphs are kept (least recently used dropped with their memory pools). A capture
-that fails (an op that synchronizes, say) marks its key eager for good; the call still returns
-`fn`'s eager result. Off the GPU, and while a graph is being captured elsewhere, it calls `fn`.
+`max_entries` graphs are kept (least recently used dropped with their memory pools). A capture that
+fails (an op that synchronizes, say) raises `GraphCaptureError` naming the fix (turn graphs off):
+torch leaves the CUDA random generator unusable after an aborted capture, so carrying on eagerly
+would only move the failure somewhere else. llmopt's lowered graphs hold no synchronizing op.
+Off the GPU, and while a graph is being captured elsewhere, it calls `fn`.
 """
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -23,7 +25,13 @@ from typing import Callable, Optional
 
 import torch
 
+from llmopt.errors import LlmoptError
+
 TIMING_RUNS = 3
+
+
+class GraphCaptureError(LlmoptError):
+    """A CUDA graph capture failed; the process's CUDA state may not be usable afterwards."""
 
 
 @dataclass
@@ -34,7 +42,6 @@ class _Entry:
     output: Optional[torch.Tensor] = None  # the graph's static output
     eager_ms: float = float("nan")
     graph_ms: float = float("nan")
-    failure: str = ""  # why the key stays eager, when capture failed
 
 
 class GraphCache:
@@ -61,7 +68,7 @@ class GraphCache:
                     buffer.copy_(a)
             entry.graph.replay()
             return entry.output.clone()
-        if entry.calls == 2 and not entry.failure:
+        if entry.calls == 2:
             self._capture(entry, args)
         return self.fn(*args)
 
@@ -70,7 +77,7 @@ class GraphCache:
         lines = []
         for key, e in self.entries.items():
             shapes = ", ".join("None" if k is None else "x".join(map(str, k[0])) for k in key)
-            how = "graph" if e.graph is not None else ("eager: " + e.failure if e.failure else "eager")
+            how = "graph" if e.graph is not None else "eager"
             lines.append(f"({shapes}): {how} (eager {e.eager_ms:.3f} ms, graph {e.graph_ms:.3f} ms, {e.calls} calls)")
         return lines
 
@@ -85,9 +92,12 @@ class GraphCache:
             torch.cuda.current_stream().wait_stream(side)
             with torch.cuda.graph(graph):
                 output = self.fn(*inputs)
-        except Exception as err:  # capture is an optimization: the call stays correct without it
-            entry.failure = f"capture failed ({type(err).__name__}: {str(err)[:120]})"
-            return
+        except Exception as err:
+            raise GraphCaptureError(
+                f"capturing a CUDA graph of this call (argument shapes {[None if a is None else tuple(a.shape) for a in args]}) "
+                f"failed: {type(err).__name__}: {str(err)[:200]}. Something in the model synchronizes with the CPU; "
+                "lower it with cuda_graphs=False (llmopt.codegen.lower(program, cuda_graphs=False)) and restart the process"
+            ) from err
         entry.eager_ms = _time_ms(lambda: self.fn(*inputs))
         entry.graph_ms = _time_ms(graph.replay)
         if entry.graph_ms < entry.eager_ms:

@@ -32,7 +32,7 @@ def test_replays_match_eager_for_new_inputs_of_a_seen_shape():
         torch.testing.assert_close(got, _many_small_ops(x, y), rtol=0, atol=0)
         assert got.data_ptr() != x.data_ptr()
     (entry,) = cache.entries.values()
-    assert entry.calls == 5 and not entry.failure
+    assert entry.calls == 5
     assert entry.graph_ms == entry.graph_ms and entry.eager_ms == entry.eager_ms  # both timed (not NaN)
     assert (entry.graph is not None) == (entry.graph_ms < entry.eager_ms)
     assert entry.graph is not None, cache.summary()  # 20 tiny launches: the graph wins
@@ -41,18 +41,29 @@ def test_replays_match_eager_for_new_inputs_of_a_seen_shape():
     assert len(cache.entries) == 2
 
 
+_FAILING_CAPTURE = """
+import torch
+from llmopt.runtime.cuda_graphs import GraphCache, GraphCaptureError
+cache = GraphCache(lambda x: x * float(x.sum().item()))  # .item() synchronizes, which capture forbids
+x = torch.randn(8, 8, device="cuda")
+cache(x)
+try:
+    cache(x)
+except GraphCaptureError as err:
+    print("refused:", err)
+"""
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: run with -m gpu on the H200")
-def test_a_capture_that_fails_stays_eager_and_correct():
-    def syncs(x):  # .item() synchronizes, which capture forbids
-        return x * float(x.sum().item())
+def test_a_capture_that_fails_names_the_fix():
+    import subprocess
+    import sys
 
-    cache = GraphCache(syncs)
-    x = torch.randn(8, 8, device="cuda")
-    for _ in range(3):
-        torch.testing.assert_close(cache(x), syncs(x))
-    (entry,) = cache.entries.values()
-    assert entry.graph is None and entry.failure.startswith("capture failed")
+    # in a child process: an aborted capture leaves torch's CUDA generator unusable in that process
+    done = subprocess.run([sys.executable, "-c", _FAILING_CAPTURE], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "refused:" in done.stdout and "cuda_graphs=False" in done.stdout, done.stdout
 
 
 @pytest.mark.gpu
