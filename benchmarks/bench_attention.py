@@ -20,29 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from benchmarks.common import header, measure_ceilings, print_table, time_ms
+from benchmarks.common import header, measure_ceilings, print_table, rel_err, time_graph_ms, time_ms
 from llmopt.codegen.kernels.flash_attention import flash_attention
 from llmopt.codegen.kernels.paged_attention import paged_attention
 from llmopt.codegen.kernels.rmsnorm import residual_rmsnorm, residual_rmsnorm_torch
 from llmopt.ops import quantize_per_token
 
 HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 16
-
-
-def _rel_err(out, ref) -> float:
-    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-
-
-def _time_graph_ms(calls) -> float:
-    """Median ms per call of `calls` (closures over distinct inputs), captured in one CUDA graph."""
-    for call in calls:  # warm up: autotuning and compilation stay out of the capture
-        call()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    return time_ms(graph.replay) / len(calls)
 
 
 def _copies(n_bytes: int) -> int:
@@ -79,7 +63,7 @@ def bench_prefill(ceilings) -> list:
             "case": f"B={batch} T={seq}", "ms": ours, "TFLOP/s": flops / ours / 1e9,
             "sdpa ms": sdpa_ms, "sdpa TFLOP/s": flops / sdpa_ms / 1e9, "sdpa backend": backend,
             "speedup": sdpa_ms / ours, "% of matmul": 100 * flops / ours / 1e9 / ceilings["bf16_tflops"],
-            "rel err": _rel_err(flash_attention(q, k, v, scale, True), ref),
+            "rel err": rel_err(flash_attention(q, k, v, scale, True), ref),
         })
         del q, k, v, ref
     return rows
@@ -97,7 +81,7 @@ def bench_decode(ceilings) -> list:
             q = torch.randn(batch, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
             scale = HEAD_DIM**-0.5
             n_bytes = 2 * batch * ctx * KV_HEADS * HEAD_DIM * k_cache.element_size()
-            ours = _time_graph_ms([lambda: paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale)])
+            ours = time_graph_ms([lambda: paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale)])
             out = paged_attention(q, k_cache, v_cache, block_tables, seq_lens, scale)  # [B, Hq, D]
             # the same cache laid out contiguously, [B, Hkv, ctx, D], for SDPA
             k_flat, v_flat = (c[block_tables.long()].reshape(batch, ctx, KV_HEADS, HEAD_DIM).transpose(1, 2).contiguous()
@@ -105,14 +89,14 @@ def bench_decode(ceilings) -> list:
             del k_cache, v_cache
             sdpa = lambda: F.scaled_dot_product_attention(q[:, :, None], k_flat, v_flat, scale=scale, enable_gqa=True)
             try:
-                sdpa_ms = _time_graph_ms([sdpa])
+                sdpa_ms = time_graph_ms([sdpa])
             except RuntimeError as e:  # a backend that cannot be captured: time it launch by launch
                 print(f"sdpa decode: no graph ({str(e).splitlines()[0][:80]}); timed with events")
                 sdpa_ms = time_ms(sdpa)
             rows.append({
                 "case": f"B={batch} ctx={ctx}", "ms": ours, "GB/s": n_bytes / ours / 1e6,
                 "% of copy": 100 * n_bytes / ours / 1e6 / ceilings["bandwidth_gbs"],
-                "sdpa (unpaged) GB/s": n_bytes / sdpa_ms / 1e6, "rel err": _rel_err(out, sdpa()[:, :, 0]),
+                "sdpa (unpaged) GB/s": n_bytes / sdpa_ms / 1e6, "rel err": rel_err(out, sdpa()[:, :, 0]),
             })
             del k_flat, v_flat
     return rows
@@ -125,18 +109,18 @@ def bench_norm(ceilings) -> list:
         for quantize in (False, True):
             n_bytes = 4 * m * k * 2 + k * 2 + (m * k + m * 4 if quantize else 0)
             sets = [[torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(2)] for _ in range(_copies(n_bytes))]
-            ours = _time_graph_ms([lambda x=x, r=r: residual_rmsnorm(x, r, weight, 1e-6, quantize=quantize) for x, r in sets])
+            ours = time_graph_ms([lambda x=x, r=r: residual_rmsnorm(x, r, weight, 1e-6, quantize=quantize) for x, r in sets])
             if quantize:
-                eager = _time_graph_ms([lambda x=x, r=r: quantize_per_token(residual_rmsnorm_torch(x, r, weight, 1e-6)[0]) for x, r in sets])
+                eager = time_graph_ms([lambda x=x, r=r: quantize_per_token(residual_rmsnorm_torch(x, r, weight, 1e-6)[0]) for x, r in sets])
             else:
-                eager = _time_graph_ms([lambda x=x, r=r: residual_rmsnorm_torch(x, r, weight, 1e-6) for x, r in sets])
+                eager = time_graph_ms([lambda x=x, r=r: residual_rmsnorm_torch(x, r, weight, 1e-6) for x, r in sets])
             x, residual = sets[0]
             y = residual_rmsnorm(x, residual, weight, 1e-6, quantize=quantize).y
             rows.append({
                 "case": f"M={m} K={k}" + (" +quant" if quantize else ""), "ms": ours, "GB/s": n_bytes / ours / 1e6,
                 "% of copy": 100 * n_bytes / ours / 1e6 / ceilings["bandwidth_gbs"],
                 "eager ms": eager, "speedup": eager / ours,
-                "rel err": _rel_err(y, residual_rmsnorm_torch(x, residual, weight, 1e-6)[0]),
+                "rel err": rel_err(y, residual_rmsnorm_torch(x, residual, weight, 1e-6)[0]),
             })
             del sets, x, residual
     return rows

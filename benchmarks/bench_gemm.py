@@ -18,7 +18,7 @@ Targets: W4A16 M=1 >= 3.0x and >= 70% BW, M=16 >= 2.5x, M=64 >= 1.5x; W8A8 >= 1.
 """
 import torch
 
-from benchmarks.common import header, measure_ceilings, print_table, time_ms
+from benchmarks.common import header, measure_ceilings, print_table, rel_err, time_graph_ms
 from llmopt.codegen.kernels.quantize_rows import quantize_rows
 from llmopt.codegen.kernels.w4a16_gemm import _wq_gemm_kernel, _wq_gemv_kernel, linear_wq
 from llmopt.codegen.kernels.w8a8_gemm import _w8a8_gemm_kernel, int8_gemm_scaled, linear_w8a8
@@ -38,19 +38,6 @@ W8_COLUMNS = [
 ]
 
 
-def _graphed(fn):
-    """-> a callable replaying fn's launches from a CUDA graph (fn is run once first: compile, autotune)."""
-    fn()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
-def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((y.float() - ref.float()).norm() / ref.float().norm()).item()
-
-
 def _best(kernel) -> str:
     c = kernel.best_config
     return " ".join(f"{k[6:] if k.startswith('BLOCK_') else k}={v}" for k, v in c.kwargs.items()) + (
@@ -65,19 +52,19 @@ def w4a16_case(m: int, n: int, k: int, ceilings: dict) -> dict:
     zeros = torch.randint(0, 16, (n, k // GROUP), device="cuda").to(torch.bfloat16)
     w = dequantize_groups(qweight, scales, zeros, GROUP, 4)  # w: [N, K] bf16, the baseline's weight
     y = linear_wq(x, qweight, scales, zeros, None, GROUP, 4)
-    err = _rel_err(y, x @ w.t())
-    t_ref = time_ms(_graphed(lambda: x @ w.t()))
-    t = time_ms(_graphed(lambda: linear_wq(x, qweight, scales, zeros, None, GROUP, 4)))
+    err = rel_err(y, x @ w.t())
+    t_ref = time_graph_ms([lambda: x @ w.t()])
+    t = time_graph_ms([lambda: linear_wq(x, qweight, scales, zeros, None, GROUP, 4)])
     weight_bytes = n * k // 2 + 2 * n * (k // GROUP) * 2
     gbs = weight_bytes / t / 1e6
     kernel = _wq_gemv_kernel if m <= 16 else _wq_gemm_kernel
     config = _best(kernel)
     copies = _stream_copies(weight_bytes)
     qws = [(qweight.clone(), scales.clone(), zeros.clone()) for _ in range(copies)]
-    t_stream = _stream_ms([lambda q=q: linear_wq(x, *q, None, GROUP, 4) for q in qws])
+    t_stream = time_graph_ms([lambda q=q: linear_wq(x, *q, None, GROUP, 4) for q in qws])
     del qws
     ws = [w.clone() for _ in range(copies)]
-    t_ref_stream = _stream_ms([lambda v=v: x @ v.t() for v in ws])
+    t_ref_stream = time_graph_ms([lambda v=v: x @ v.t() for v in ws])
     del ws
     gbs_stream = weight_bytes / t_stream / 1e6
     return {
@@ -95,13 +82,6 @@ def _stream_copies(weight_bytes: int) -> int:
     return max(8, min(64, -(-4 * l2 // weight_bytes)))
 
 
-def _stream_ms(calls: list) -> float:
-    """Milliseconds per call of one CUDA graph replaying `calls` back to back."""
-    def all_calls():
-        for call in calls:
-            call()
-    return time_ms(_graphed(all_calls)) / len(calls)
-
 
 def w8a8_case(m: int, n: int, k: int, ceilings: dict) -> dict:
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)  # x: [M, K]
@@ -109,11 +89,11 @@ def w8a8_case(m: int, n: int, k: int, ceilings: dict) -> dict:
     w_scale = torch.rand(n, device="cuda") * 0.01 + 1e-3  # [N] fp32
     w_bf16 = (w.float() * w_scale[:, None]).to(torch.bfloat16)  # the baseline's weight
     q, row_scale = quantize_rows(x)
-    err = _rel_err(linear_w8a8(x, w, w_scale, None, None), x @ w_bf16.t())
-    t_ref = time_ms(_graphed(lambda: x @ w_bf16.t()))
-    t_gemm = time_ms(_graphed(lambda: int8_gemm_scaled(q, w, row_scale, w_scale, None, None, torch.bfloat16)))
-    t_quant = time_ms(_graphed(lambda: quantize_rows(x)))
-    t_total = time_ms(_graphed(lambda: linear_w8a8(x, w, w_scale, None, None)))
+    err = rel_err(linear_w8a8(x, w, w_scale, None, None), x @ w_bf16.t())
+    t_ref = time_graph_ms([lambda: x @ w_bf16.t()])
+    t_gemm = time_graph_ms([lambda: int8_gemm_scaled(q, w, row_scale, w_scale, None, None, torch.bfloat16)])
+    t_quant = time_graph_ms([lambda: quantize_rows(x)])
+    t_total = time_graph_ms([lambda: linear_w8a8(x, w, w_scale, None, None)])
     flops = 2 * m * n * k
     return {
         "kind": "w8a8", "M": m, "N x K": f"{n} x {k}", "bf16 TFLOP/s": flops / t_ref / 1e9,

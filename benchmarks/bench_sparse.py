@@ -17,7 +17,7 @@ clears L2 before every repetition. Formulas:
 """
 import torch
 
-from benchmarks.common import header, measure_ceilings, print_table, time_ms
+from benchmarks.common import header, measure_ceilings, print_table, rel_err, time_graph_ms, time_ms
 from llmopt.codegen.sparse import SparseDevice, compress, semi_structured_linear, sparse_backend
 from llmopt.passes.compress import magnitude_scores, prune_mask
 
@@ -29,15 +29,6 @@ COLUMNS = [
 ]
 
 
-def _graphed(fn):
-    """-> a callable replaying fn's launches from a CUDA graph (fn is run once first: workspaces, plans)."""
-    fn()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
 def sparse_case(m: int, n: int, k: int, backend: str, ceilings: dict) -> dict:
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5  # [N, K]
     w = w * prune_mask(magnitude_scores(w), pattern="2:4")  # [N, K], 2 zeros in every 4 inputs
@@ -45,9 +36,9 @@ def sparse_case(m: int, n: int, k: int, backend: str, ceilings: dict) -> dict:
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)  # x: [M, K]
     y_dense = torch.nn.functional.linear(x, w)  # [M, N]
     y = semi_structured_linear(x, sparse)
-    err = ((y.float() - y_dense.float()).norm() / y_dense.float().norm()).item()
-    t_dense = time_ms(_graphed(lambda: torch.nn.functional.linear(x, w)))
-    t_sparse = time_ms(_graphed(lambda: semi_structured_linear(x, sparse)))
+    err = rel_err(y, y_dense)
+    t_dense = time_graph_ms([lambda: torch.nn.functional.linear(x, w)])
+    t_sparse = time_graph_ms([lambda: semi_structured_linear(x, sparse)])
     t_eager = time_ms(lambda: semi_structured_linear(x, sparse))
     flops = 2 * m * n * k
     return {

@@ -1,6 +1,8 @@
 """Shared measuring tools for llmopt's GPU benchmarks: timing, ceilings, and the result table.
 
 Entry points: `time_ms(fn)` (CUDA events through triton's do_bench, warm-up, median of many),
+`time_graph_ms(calls)` (the same, per call, of one CUDA graph replaying `calls` back to back),
+`rel_err(out, ref)`,
 `measure_ceilings()` (a large device copy for bandwidth, a large bf16 matmul for TFLOP/s, measured in
 the same run as the cases), and `print_table(rows)` (markdown, also appended to a results file).
 """
@@ -15,6 +17,24 @@ def time_ms(fn, warmup_ms: int = 25, rep_ms: int = 200) -> float:
     import triton.testing
 
     return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def time_graph_ms(calls: list) -> float:
+    """Median ms per call of `calls` (closures, e.g. over distinct inputs), captured in one CUDA graph:
+    Python's launch cost stays out of the GPU time."""
+    for call in calls:  # warm up: autotuning, compilation and library plans stay out of the capture
+        call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    return time_ms(graph.replay) / len(calls)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in fp32."""
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
 def measure_ceilings() -> dict:
