@@ -139,6 +139,20 @@ def _cat(a, b):
 
 
 @triton.jit
+def _block_operands(x_ptrs, s_ptrs, z_ptrs, kb, SUB: tl.constexpr, BLOCK_K: tl.constexpr, P: tl.constexpr,
+                    GROUP_SIZE: tl.constexpr):
+    """The x words, scales and zeros of blocks kb and kb + SUB - 1 (the same block when SUB == 1):
+    x: [BLOCK_M, BLOCK_K // P] XWORD each, scales and zeros: [BLOCK_N] each."""
+    x_0 = tl.load(x_ptrs + kb * (BLOCK_K // P))
+    s_0 = tl.load(s_ptrs + kb * BLOCK_K // GROUP_SIZE)
+    z_0 = tl.load(z_ptrs + kb * BLOCK_K // GROUP_SIZE)
+    x_1 = tl.load(x_ptrs + (kb + SUB - 1) * (BLOCK_K // P))
+    s_1 = tl.load(s_ptrs + (kb + SUB - 1) * BLOCK_K // GROUP_SIZE)
+    z_1 = tl.load(z_ptrs + (kb + SUB - 1) * BLOCK_K // GROUP_SIZE)
+    return x_0, s_0, z_0, x_1, s_1, z_1
+
+
+@triton.jit
 def _block(acc, wq, xw, s, z, DTYPE: tl.constexpr, P: tl.constexpr, SLOT: tl.constexpr, MAGIC: tl.constexpr,
            BIAS: tl.constexpr, ASM: tl.constexpr, ZERO_IN_TILE: tl.constexpr, SCALE_IN_TILE: tl.constexpr,
            DOT_PRECISION: tl.constexpr):
@@ -233,23 +247,13 @@ def _wq_kernel(
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)  # yᵀ tile
     # x, scales and zeros are loaded an iteration ahead (the weight tiles are pipelined by the
     # compiler); under SUB == 1 the "_1" operands repeat block 0's
-    kb = min(it_begin, num_it - 1) * SUB
-    x_0 = tl.load(x_ptrs + kb * (BLOCK_K // P))
-    s_0 = tl.load(s_ptrs + kb * BLOCK_K // GROUP_SIZE)
-    z_0 = tl.load(z_ptrs + kb * BLOCK_K // GROUP_SIZE)
-    x_1 = tl.load(x_ptrs + (kb + SUB - 1) * (BLOCK_K // P))
-    s_1 = tl.load(s_ptrs + (kb + SUB - 1) * BLOCK_K // GROUP_SIZE)
-    z_1 = tl.load(z_ptrs + (kb + SUB - 1) * BLOCK_K // GROUP_SIZE)
+    x_0, s_0, z_0, x_1, s_1, z_1 = _block_operands(
+        x_ptrs, s_ptrs, z_ptrs, min(it_begin, num_it - 1) * SUB, SUB, BLOCK_K, P, GROUP_SIZE)
     for it in range(it_begin, it_end):
         xw0, s0, z0, xw1, s1, z1 = x_0, s_0, z_0, x_1, s_1, z_1  # [BLOCK_M, BLOCK_K // P] XWORD, [BLOCK_N]
         kb = it * SUB
-        kb_next = min(it + 1, num_it - 1) * SUB
-        x_0 = tl.load(x_ptrs + kb_next * (BLOCK_K // P))
-        s_0 = tl.load(s_ptrs + kb_next * BLOCK_K // GROUP_SIZE)
-        z_0 = tl.load(z_ptrs + kb_next * BLOCK_K // GROUP_SIZE)
-        x_1 = tl.load(x_ptrs + (kb_next + SUB - 1) * (BLOCK_K // P))
-        s_1 = tl.load(s_ptrs + (kb_next + SUB - 1) * BLOCK_K // GROUP_SIZE)
-        z_1 = tl.load(z_ptrs + (kb_next + SUB - 1) * BLOCK_K // GROUP_SIZE)
+        x_0, s_0, z_0, x_1, s_1, z_1 = _block_operands(
+            x_ptrs, s_ptrs, z_ptrs, min(it + 1, num_it - 1) * SUB, SUB, BLOCK_K, P, GROUP_SIZE)
         if ZERO_IN_TILE:  # loaded here: a zero point carried from the last iteration pins the tile's layout
             z0 = tl.load(z_ptrs + kb * BLOCK_K // GROUP_SIZE)
             z1 = tl.load(z_ptrs + (kb + SUB - 1) * BLOCK_K // GROUP_SIZE)
