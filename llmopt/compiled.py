@@ -68,8 +68,9 @@ class CompiledModel:
         after = self.program.parameter_bytes()
         lines += ["", f"parameter bytes: {self.bytes_before / 1e6:.2f} MB before, {after / 1e6:.2f} MB after ({after / max(self.bytes_before, 1):.2%})"]
         sparse = getattr(self._runner, "sparse", None)  # backend="triton": linears on 2:4 kernels (codegen/sparse.py)
-        if sparse is not None and sparse.summary():
-            lines += ["", sparse.summary()]
+        summary = sparse.summary() if sparse is not None else ""
+        if summary:
+            lines += ["", summary]
         return "\n".join(lines)
 
 
