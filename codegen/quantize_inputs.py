@@ -23,7 +23,6 @@ elsewhere.
 import operator
 from collections import defaultdict
 
-import numpy as np
 import torch
 from torch._dispatch.python import enable_python_dispatcher
 from torch.fx import Graph, GraphModule, Node
@@ -32,10 +31,9 @@ from torch.fx.node import map_arg
 from llmopt.codegen.fusion.ops import MAX_ROW
 from llmopt.codegen.kernels.quantize_rows import quantize_rows
 from llmopt.codegen.kernels.w8a8_gemm import linear_int8
-from llmopt.ops.linear_w8a8 import INT8_MAX
+from llmopt.ops.linear_w8a8 import INT8_MAX, INV_INT8_MAX
 
 aten = torch.ops.aten
-INV_INT8_MAX = float(np.float32(1.0) / np.float32(INT8_MAX))  # fl32(1/127): what torch multiplies by on CUDA
 _W8A8_PARAMS = ("x", "weight", "weight_scale", "bias", "act_scale")
 
 

@@ -12,13 +12,14 @@ One program per row, which stays in registers: one read of x, one write of q.
 """
 from typing import Optional
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
 
-INT8_MAX = tl.constexpr(127.0)
-INV_INT8_MAX = tl.constexpr(float(np.float32(1.0) / np.float32(127.0)))  # torch's fp32 reciprocal
+from llmopt.ops import linear_w8a8 as reference
+
+INT8_MAX = tl.constexpr(reference.INT8_MAX)
+INV_INT8_MAX = tl.constexpr(reference.INV_INT8_MAX)  # torch's fp32 reciprocal of 127 (CUDA)
 
 
 @triton.jit

@@ -9,6 +9,9 @@ from typing import Optional
 import torch
 
 INT8_MAX = 127.0
+# fl32(1 / 127): torch on CUDA divides a tensor by the Python scalar 127 as a product with this
+# reciprocal (on CPU it divides), so kernels that match the reference bit for bit on CUDA use it
+INV_INT8_MAX = float(torch.tensor(1.0, dtype=torch.float32) / INT8_MAX)
 
 
 def quantize_per_token(x: torch.Tensor):
