@@ -4,7 +4,8 @@ Entry point: `GraphCache(fn, max_entries=4)`, a callable with the signature of `
 or None; `fn` returns one tensor). The lowered programs of `llmopt.codegen.lower` call through one.
 
 A generated model is many small Triton launches, and Python's launch cost can leave the GPU idle
-between them (a SmoothQuant prefill of a Llama-2-7B shape: 10.9 ms a call, 9.1 ms of it kernels).
+between them (a SmoothQuant prefill of a Llama-2-7B shape in `benchmarks/e2e.py`: 10.0 ms launched
+from Python, 8.5 ms replayed from a graph).
 A CUDA graph replays all launches at once. Per key (shape, dtype and device of each argument):
 1. the first call runs `fn` eagerly (it also autotunes the kernels of that shape);
 2. the second captures `fn` into a graph over static copies of the inputs, then times a few eager
