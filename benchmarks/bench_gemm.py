@@ -11,7 +11,9 @@ do_bench clears L2 before every repetition, so the weights come from HBM each ti
   replay (which includes a fixed ~8 µs of graph launch and first memory round trip that both sides
   pay), and "stream": one graph replaying C calls back to back, each on its own copy of the weights
   (C copies hold at least 4× the L2 cache, so every call reads HBM), divided by C. The stream is
-  how decode runs: one layer's linears after another inside a CUDA graph.
+  how decode runs: one layer's linears after another inside a CUDA graph. "read floor" is the
+  stream time of a kernel that only reads the same bytes (`benchmarks/read_floor.py`); "% of read
+  floor" = floor / w4a16 stream time.
 - W8A8 (`linear_w8a8`, per-token dynamic): int8 TOP/s = 2·M·N·K / GEMM time. "gemm" times the GEMM
   launch alone (activations already quantized), "total" adds the `quantize_rows` launch.
 Targets: W4A16 M=1 >= 3.0x and >= 70% BW, M=16 >= 2.5x, M=64 >= 1.5x; W8A8 >= 1.6x.
@@ -19,6 +21,7 @@ Targets: W4A16 M=1 >= 3.0x and >= 70% BW, M=16 >= 2.5x, M=64 >= 1.5x; W8A8 >= 1.
 import torch
 
 from benchmarks.common import header, measure_ceilings, print_table, rel_err, time_graph_ms
+from benchmarks.read_floor import read_floor_ms
 from llmopt.codegen.kernels.quantize_rows import quantize_rows
 from llmopt.codegen.kernels.w4a16_gemm import _wq_gemm_kernel, _wq_gemv_kernel, linear_wq
 from llmopt.codegen.kernels.w8a8_gemm import _w8a8_gemm_kernel, int8_gemm_scaled, linear_w8a8
@@ -30,7 +33,8 @@ W8A8_TOKENS = [2048, 4096, 8192]
 GROUP = 128
 W4_COLUMNS = [
     "M", "N x K", "bf16 us", "w4a16 us", "speedup", "weight GB/s", "% BW",
-    "bf16 us (stream)", "w4a16 us (stream)", "speedup (stream)", "weight GB/s (stream)", "% BW (stream)", "rel err", "config",
+    "bf16 us (stream)", "w4a16 us (stream)", "speedup (stream)", "weight GB/s (stream)", "% BW (stream)",
+    "read floor us (stream)", "% of read floor", "rel err", "config",
 ]
 W8_COLUMNS = [
     "M", "N x K", "bf16 TFLOP/s", "int8 TOP/s (gemm)", "speedup (gemm)", "speedup (total)",
@@ -67,11 +71,13 @@ def w4a16_case(m: int, n: int, k: int, ceilings: dict) -> dict:
     t_ref_stream = time_graph_ms([lambda v=v: x @ v.t() for v in ws])
     del ws
     gbs_stream = weight_bytes / t_stream / 1e6
+    t_floor, _ = read_floor_ms(weight_bytes, copies)
     return {
         "kind": "w4a16", "M": m, "N x K": f"{n} x {k}", "bf16 us": 1e3 * t_ref, "w4a16 us": 1e3 * t,
         "speedup": t_ref / t, "weight GB/s": gbs, "% BW": 100 * gbs / ceilings["bandwidth_gbs"],
         "bf16 us (stream)": 1e3 * t_ref_stream, "w4a16 us (stream)": 1e3 * t_stream, "speedup (stream)": t_ref_stream / t_stream,
         "weight GB/s (stream)": gbs_stream, "% BW (stream)": 100 * gbs_stream / ceilings["bandwidth_gbs"],
+        "read floor us (stream)": 1e3 * t_floor, "% of read floor": 100 * t_floor / t_stream,
         "rel err": err, "config": config,
     }
 
