@@ -36,7 +36,8 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-import triton.testing
+
+from llmopt.codegen.kernels.tuning import quick_bench
 
 _INTERPRET = triton.knobs.runtime.interpret
 DECODE_MAX_M = 16
@@ -66,11 +67,6 @@ else:  # (BLOCK_M, BLOCK_N, warps, stages, SPLIT_K, SUB, SCALE_IN_TILE)
         _cfg(128, 128, 8, 3, 1, 1, True), _cfg(128, 128, 8, 4, 1),
         _cfg(64, 256, 8, 3, 1, 1, True),
     ]
-
-
-def _quick_bench(kernel_call, quantiles):
-    """Autotuning's timer: short, since tuning runs once per shape and GPU, on the first call."""
-    return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
 
 
 def _prune(configs, named_args, **kwargs):
@@ -290,7 +286,7 @@ def _store_output(y_ptr, bias_ptr, acc, offs_m, offs_n, cols, mask, stride_ym, H
 
 
 _AUTOTUNE = dict(key=["M_BUCKET", "N", "K", "GROUP_SIZE"], prune_configs_by={"early_config_prune": _prune},
-                 do_bench=_quick_bench)
+                 do_bench=quick_bench)
 _wq_gemv_kernel = triton.autotune(configs=_DECODE_CONFIGS, **_AUTOTUNE)(_wq_kernel)  # M <= 16
 _wq_gemm_kernel = triton.autotune(configs=_GEMM_CONFIGS, **_AUTOTUNE)(_wq_kernel)  # M > 16
 _MAX_SPLIT_K = {k: max(c.kwargs["SPLIT_K"] for c in k.configs) for k in (_wq_gemv_kernel, _wq_gemm_kernel)}

@@ -27,10 +27,10 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-import triton.testing
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from llmopt.codegen.kernels.quantize_rows import quantize_rows
+from llmopt.codegen.kernels.tuning import quick_bench
 
 _INTERPRET = triton.knobs.runtime.interpret
 
@@ -73,11 +73,6 @@ def _tma_configs():
         )
         for m, n, k, w, s, sub in shapes
     ]
-
-
-def _quick_bench(kernel_call, quantiles):
-    """Autotuning's timer: short, since tuning runs once per shape and GPU, on the first call."""
-    return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
 
 
 def _prune(configs, named_args, **kwargs):
@@ -135,7 +130,7 @@ def _finish_tma(
 
 @triton.autotune(
     configs=_tma_configs(), key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune},
-    do_bench=_quick_bench,
+    do_bench=quick_bench,
 )
 @triton.jit
 def _w8a8_gemm_kernel(
@@ -187,7 +182,7 @@ def _w8a8_gemm_kernel(
 
 @triton.autotune(
     configs=_pointer_configs(), key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune},
-    do_bench=_quick_bench,
+    do_bench=quick_bench,
 )
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
