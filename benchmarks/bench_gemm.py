@@ -71,7 +71,7 @@ def w4a16_case(m: int, n: int, k: int, ceilings: dict) -> dict:
     t_ref_stream = time_graph_ms([lambda v=v: x @ v.t() for v in ws])
     del ws
     gbs_stream = weight_bytes / t_stream / 1e6
-    t_floor, _ = read_floor_ms(weight_bytes, copies)
+    t_floor = read_floor_ms(weight_bytes, copies)
     return {
         "kind": "w4a16", "M": m, "N x K": f"{n} x {k}", "bf16 us": 1e3 * t_ref, "w4a16 us": 1e3 * t,
         "speedup": t_ref / t, "weight GB/s": gbs, "% BW": 100 * gbs / ceilings["bandwidth_gbs"],

@@ -1,11 +1,11 @@
 """The time a kernel takes only to read a weight's bytes: the floor for a memory-bound GEMV.
 
-Entry point: `read_floor_ms(n_bytes, copies) -> (ms, config)`. A Triton kernel reads C buffers of
+Entry point: `read_floor_ms(n_bytes, copies) -> ms`. A Triton kernel reads C buffers of
 `n_bytes` (one launch each, C copies so every launch reads HBM, as bench_gemm's "stream" timing
 does) and folds them into one int32 a program; no arithmetic worth the name, no output traffic. The
-best of 20 launch shapes (programs per SM × block × warps) is returned: no kernel that reads those
-bytes once, timed the same way, can be expected to run faster, so a W4A16 GEMV's time is best read
-against it (the "% of read floor" column).
+best of 20 launch shapes (programs per SM × block × warps) is returned: a measured reference for
+what reading those bytes once costs when timed the same way (not a proven lower bound), against
+which a W4A16 GEMV's time is read (the "% of read floor" column).
 """
 import functools
 
@@ -36,19 +36,17 @@ def _read_kernel(src, out, n_words, words_per_program, BLOCK: tl.constexpr):
 
 
 @functools.lru_cache  # one measurement per size: the M rows of a shape share it
-def read_floor_ms(n_bytes: int, copies: int) -> tuple:
-    """(ms per read of n_bytes, "programs/SM × BLOCK, warps" of the fastest launch shape)."""
+def read_floor_ms(n_bytes: int, copies: int) -> float:
+    """ms per read of n_bytes, the fastest of the launch shapes."""
     n_words = n_bytes // 4
     srcs = [torch.randint(0, 1 << 30, (n_words,), dtype=torch.int32, device="cuda") for _ in range(copies)]
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     out = torch.empty(sms * max(p for p, _, _ in _SHAPES), dtype=torch.int32, device="cuda")
-    best = None
+    times = []
     for per_sm, block, warps in _SHAPES:
         per_program = triton.cdiv(triton.cdiv(n_words, sms * per_sm), block) * block
         grid = (triton.cdiv(n_words, per_program),)
-        ms = time_graph_ms([
+        times.append(time_graph_ms([
             lambda s=s: _read_kernel[grid](s, out, n_words, per_program, BLOCK=block, num_warps=warps) for s in srcs
-        ])
-        if best is None or ms < best[0]:
-            best = (ms, f"{per_sm}/SM x {block}, w{warps}")
-    return best
+        ]))
+    return min(times)
