@@ -50,14 +50,15 @@ def _attend_blocks(
             k = tl.load(k_ptrs, mask=(offs_n < seq_k)[:, None], other=0.0)  # [BLOCK_N, D]
         else:
             k = tl.load(k_ptrs)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N], unscaled
         if MASKED:
             keep = (offs_n < seq_k)[None, :]
             if CAUSAL:
                 keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
             qk = tl.where(keep, qk, _MASKED)
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_new[:, None])
+        # the scale goes into the exponent: one FMA per score instead of a multiply and a subtract
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # log2 units
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         if MASKED:
