@@ -11,7 +11,10 @@ Entry points:
   so the search is never worse than RTN on its own objective.
 - `search_awq_clip(x, w, bits, group_size)` -> clip ratios [N, K // G] for `quantize_groups`: per
   group, the shrink of max|w| that minimizes that group's share of the output error (AutoAWQ's
-  `_compute_best_clip`); ratio 1 (no clip) is always on the grid.
+  `_compute_best_clip`); ratio 1 (no clip) is always on the grid. With `separate=True` -> [N, K // G, 2]:
+  the group's max and min shrink by their own ratios (every pair on the grid, plus the one-ratio
+  candidates as pairs, so it is never worse than the one-ratio search; OmniQuant's learnable weight
+  clipping, searched on a grid instead of learned).
 The graph pass folds s into the preceding op (W·s here, x/s there), searches the clip on the scaled
 weight, then calls `quantize_groups(w * s, bits, group_size, clip_ratio=clip)`.
 
@@ -95,8 +98,10 @@ def search_awq_clip(
     max_shrink: float = 0.5,
     symmetric: bool = False,
     max_tokens: int = MAX_TOKENS,
+    separate: bool = False,
 ) -> torch.Tensor:
-    """-> clip ratios [N, K // G] fp32 in {1, 1 - 1/n_grid, ...} (> 1 - max_shrink), for `quantize_groups`."""
+    """-> clip ratios [N, K // G] fp32 in {1, 1 - 1/n_grid, ...} (> 1 - max_shrink), for `quantize_groups`;
+    with `separate`, [N, K // G, 2]: (max ratio, min ratio) per group (see the module docstring)."""
     if w.dim() != 2:
         raise ValueError(f"search_awq_clip: weight must be 2-D [N, K], got shape {tuple(w.shape)}")
     check_quantizable(w, bits, group_size, None, "search_awq_clip")
@@ -109,17 +114,38 @@ def search_awq_clip(
     gram = xg.transpose(1, 2) @ xg  # [ng, G, G]: per-group Gram blocks
     n_ratios = max(1, int(max_shrink * n_grid))
     ratios = 1.0 - torch.arange(n_ratios, dtype=torch.float32, device=w.device) / n_grid  # [R]
-    clip = torch.empty(n_out, ng, dtype=torch.float32, device=w.device)
-    step = rows_per_chunk(n_ratios * k, w.device)
+    clip = torch.empty(n_out, ng, *((2,) if separate else ()), dtype=torch.float32, device=w.device)
+    step = rows_per_chunk(n_ratios * (n_ratios + 1 if separate else 1) * k, w.device)
     for r0 in range(0, n_out, step):
         wc = w[r0 : r0 + step].float().reshape(-1, ng, group_size)  # [c, ng, G]
-        c = wc.shape[0]
-        ratio = ratios.reshape(-1, 1, 1).expand(n_ratios, c, ng)  # [R, c, ng]
-        dq = fake_quant(wc.unsqueeze(0).expand(n_ratios, -1, -1, -1), bits, symmetric, ratio).sub_(wc)  # [R, c, ng, G]
-        t = dq.permute(2, 0, 1, 3).reshape(ng, n_ratios * c, group_size)  # [ng, R·c, G]
-        err = (t @ gram).mul_(t).sum(dim=-1).reshape(ng, n_ratios, c)  # [ng, R, c]
-        clip[r0 : r0 + c] = ratios[err.argmin(dim=1)].t()  # first minimum: ties keep ratio 1
+        cand = _clip_candidates(wc, ratios, separate)  # [C, c, ng] or [C, c, ng, 2]
+        dq = fake_quant(wc.unsqueeze(0).expand(cand.shape[0], -1, -1, -1), bits, symmetric, cand).sub_(wc)  # [C, c, ng, G]
+        t = dq.permute(2, 0, 1, 3).reshape(ng, -1, group_size)  # [ng, C·c, G]
+        err = (t @ gram).mul_(t).sum(dim=-1).reshape(ng, cand.shape[0], -1)  # [ng, C, c]
+        best = err.argmin(dim=1).t()  # [c, ng]; first minimum: ties keep candidate 0 (no clip)
+        index = best.reshape(1, *best.shape, *((1,) * (cand.dim() - 3))).expand(1, *cand.shape[1:])
+        clip[r0 : r0 + wc.shape[0]] = cand.gather(0, index)[0]
     return clip
+
+
+def _clip_candidates(wc: torch.Tensor, ratios: torch.Tensor, separate: bool) -> torch.Tensor:
+    """Clip candidates for the groups wc [c, ng, G], the first being no clip. Joint: ratios [R] of
+    max|w| -> [R, c, ng]. Separate: (max ratio, min ratio) pairs [R² + R, c, ng, 2], every pair of
+    `ratios` plus the joint candidates written as pairs (so the separate search is never worse)."""
+    c, ng = wc.shape[:2]
+    if not separate:
+        return ratios.reshape(-1, 1, 1).expand(-1, c, ng)
+    pairs = torch.cartesian_prod(ratios, ratios).reshape(-1, 1, 1, 2).expand(-1, c, ng, 2)  # [R², c, ng, 2]
+    lo, hi = torch.aminmax(wc, dim=-1)  # [c, ng] each
+    lo, hi = lo.clamp_max(0.0), hi.clamp_min(0.0)
+    bound = torch.maximum(hi, -lo) * ratios.reshape(-1, 1, 1)  # [R, c, ng]: the joint clip's bound
+    joint = torch.stack([_shrink(hi, bound), _shrink(-lo, bound)], dim=-1)  # [R, c, ng, 2]
+    return torch.cat([pairs, joint])
+
+
+def _shrink(extent: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """The ratio that takes a range end of size `extent` [c, ng] to at most `bound` [R, c, ng] (1 for 0)."""
+    return torch.where(extent > bound, bound / extent.clamp_min(1e-30), torch.ones_like(bound))
 
 
 def _group_relative_abs_mean(weights: Sequence[torch.Tensor], group_size: int) -> torch.Tensor:

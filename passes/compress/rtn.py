@@ -13,7 +13,9 @@ Conventions (per group of `group_size` consecutive inputs of one output row, qma
   only used by clipped weights).
 - code q = clamp(round(w / scale) + zero, 0, qmax); dequantized w = (q - zero) * scale.
 - `clip_ratio` r (from `search_awq_clip`), one per group in (0, 1]: weights are clipped to
-  ±r·max|w| of their group before the range is taken (AutoAWQ's clip).
+  ±r·max|w| of their group before the range is taken (AutoAWQ's clip). A pair per group
+  ([..., K // G, 2], from `search_awq_clip(separate=True)`) shrinks the range's ends separately:
+  [r₁·lo, r₀·hi] (OmniQuant's clip).
 Scales are stored in the weight's dtype, rounded up (so the half-step bound survives fp16/bf16), and
 codes are computed from the stored scales, so `fake_quantize_groups(w, ...)` equals
 `quantize_groups(w, ...).dequantize()` exactly.
@@ -53,7 +55,7 @@ def quantize_groups(
     bits: int,
     group_size: int,
     symmetric: bool = False,
-    clip_ratio: Optional[torch.Tensor] = None,  # [N, K // G] in (0, 1], or None
+    clip_ratio: Optional[torch.Tensor] = None,  # [N, K // G] or [N, K // G, 2] in (0, 1], or None
 ) -> QuantizedWeight:
     """Round-to-nearest group quantization of `w` into the canonical `linear_wq` layout."""
     if w.dim() != 2:
@@ -102,14 +104,17 @@ def group_scale_zero(
     wg: torch.Tensor,  # [..., ng, G] fp32
     bits: int,
     symmetric: bool,
-    clip_ratio: Optional[torch.Tensor],  # [..., ng] or None
+    clip_ratio: Optional[torch.Tensor],  # [..., ng], [..., ng, 2] (max ratio, min ratio) or None
     scale_dtype: torch.dtype,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """-> (scale, zero): [..., ng, 1] fp32 each; scale already rounded to `scale_dtype`."""
     qmax = 2**bits - 1
     lo, hi = torch.aminmax(wg, dim=-1, keepdim=True)  # [..., ng, 1] each
     lo, hi = lo.clamp_max_(0.0), hi.clamp_min_(0.0)
-    if clip_ratio is not None:
+    if clip_ratio is not None and clip_ratio.dim() == wg.dim():  # [..., ng, 2]: (max, min) shrunk separately
+        ratio = clip_ratio.to(wg.device, torch.float32)
+        hi, lo = hi * ratio[..., :1], lo * ratio[..., 1:]
+    elif clip_ratio is not None:
         bound = torch.maximum(hi, -lo) * clip_ratio.to(wg.device, torch.float32).unsqueeze(-1)
         hi, lo = torch.minimum(hi, bound), torch.maximum(lo, -bound)
     if symmetric:
@@ -150,8 +155,8 @@ def check_quantizable(w, bits, group_size, clip_ratio, who: str) -> None:
         )
     if clip_ratio is not None:
         expected = (*w.shape[:-1], k // group_size)
-        if tuple(clip_ratio.shape) != expected:
-            raise ValueError(f"{who}: clip_ratio has shape {tuple(clip_ratio.shape)}, expected {expected}")
+        if tuple(clip_ratio.shape) not in (expected, (*expected, 2)):
+            raise ValueError(f"{who}: clip_ratio has shape {tuple(clip_ratio.shape)}, expected {expected} (or {(*expected, 2)} for separate max and min)")
         if not bool(((clip_ratio > 0) & (clip_ratio <= 1)).all()):
             raise ValueError(f"{who}: clip_ratio values must lie in (0, 1]")
 
