@@ -80,7 +80,7 @@ def fake_quantize_groups(
     bits: int,
     group_size: int,
     symmetric: bool = False,
-    clip_ratio: Optional[torch.Tensor] = None,  # [..., K // G] in (0, 1], or None
+    clip_ratio: Optional[torch.Tensor] = None,  # [..., K // G] or [..., K // G, 2] in (0, 1], or None
 ) -> torch.Tensor:
     """Quantize then dequantize `w` with the conventions of `quantize_groups` -> [..., K], w.dtype."""
     check_quantizable(w, bits, group_size, clip_ratio, "fake_quantize_groups")
@@ -92,7 +92,7 @@ def fake_quant(
     wg: torch.Tensor,  # [..., ng, G] fp32
     bits: int,
     symmetric: bool,
-    clip_ratio: Optional[torch.Tensor],  # [..., ng] or None
+    clip_ratio: Optional[torch.Tensor],  # [..., ng], [..., ng, 2] or None
     scale_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Unchecked fake quantization of grouped fp32 weights -> [..., ng, G] fp32 (search inner loop)."""

@@ -113,23 +113,24 @@ def _group_errors(x, w, w_hat, group_size):
     return torch.einsum("tgi,ngi->tng", xg, d).pow(2).sum(0)
 
 
-@settings(max_examples=15, deadline=None)
-@given(
-    n_tokens=st.integers(4, 150),
-    n_out=st.integers(1, 20),
-    n_groups=st.integers(1, 3),
-    group_size=st.sampled_from([16, 32]),
-    bits=st.sampled_from([3, 4, 8]),
-    symmetric=st.booleans(),
-    seed=st.integers(0, 2**16),
-)
-def test_clip_search_never_increases_group_error(n_tokens, n_out, n_groups, group_size, bits, symmetric, seed):
-    g = torch.Generator().manual_seed(seed)
+@st.composite
+def _clip_cases(draw, bits):
+    """(x [T, K], heavy-tailed w [N, K], group_size, bits, symmetric) for the clip searches."""
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    n_tokens, n_out, n_groups = draw(st.integers(4, 150)), draw(st.integers(1, 20)), draw(st.integers(1, 3))
+    group_size = draw(st.sampled_from([16, 32]))
     k = n_groups * group_size
     x = torch.randn(n_tokens, k, generator=g)
     w = torch.randn(n_out, k, generator=g) * torch.randn(n_out, k, generator=g).exp()  # heavy tails
+    return x, w, group_size, draw(st.sampled_from(bits)), draw(st.booleans())
+
+
+@settings(max_examples=15, deadline=None)
+@given(case=_clip_cases(bits=[3, 4, 8]))
+def test_clip_search_never_increases_group_error(case):
+    x, w, group_size, bits, symmetric = case
     clip = search_awq_clip(x, w, bits, group_size, symmetric=symmetric)
-    assert clip.shape == (n_out, n_groups)
+    assert clip.shape == (w.shape[0], w.shape[1] // group_size)
     grid = 1 - torch.arange(10) / 20  # 1, 0.95, ..., 0.55
     assert bool(torch.isclose(clip.unsqueeze(-1), grid).any(-1).all())
     clipped = _group_errors(x, w, fake_quantize_groups(w, bits, group_size, symmetric, clip_ratio=clip), group_size)
@@ -184,22 +185,11 @@ def test_bad_inputs_raise():
 
 
 @settings(max_examples=15, deadline=None)
-@given(
-    n_tokens=st.integers(4, 150),
-    n_out=st.integers(1, 20),
-    n_groups=st.integers(1, 3),
-    group_size=st.sampled_from([16, 32]),
-    bits=st.sampled_from([3, 4]),
-    symmetric=st.booleans(),
-    seed=st.integers(0, 2**16),
-)
-def test_separate_clip_never_worse_than_one_ratio(n_tokens, n_out, n_groups, group_size, bits, symmetric, seed):
-    g = torch.Generator().manual_seed(seed)
-    k = n_groups * group_size
-    x = torch.randn(n_tokens, k, generator=g)
-    w = torch.randn(n_out, k, generator=g) * torch.randn(n_out, k, generator=g).exp()
+@given(case=_clip_cases(bits=[3, 4]))
+def test_separate_clip_never_worse_than_one_ratio(case):
+    x, w, group_size, bits, symmetric = case
     pairs = search_awq_clip(x, w, bits, group_size, symmetric=symmetric, separate=True)
-    assert pairs.shape == (n_out, n_groups, 2) and bool(((pairs > 0) & (pairs <= 1)).all())
+    assert pairs.shape == (w.shape[0], w.shape[1] // group_size, 2) and bool(((pairs > 0) & (pairs <= 1)).all())
     one = search_awq_clip(x, w, bits, group_size, symmetric=symmetric)
     separate = _group_errors(x, w, fake_quantize_groups(w, bits, group_size, symmetric, clip_ratio=pairs), group_size)
     joint = _group_errors(x, w, fake_quantize_groups(w, bits, group_size, symmetric, clip_ratio=one), group_size)
