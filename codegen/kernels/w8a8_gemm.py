@@ -15,7 +15,7 @@ B operand, which is what int8 tensor-core instructions read, so there is no repa
 Two GEMM kernels, one epilogue (`_scaled`):
 - `_w8a8_gemm_kernel`, on Hopper (compute capability 9.x) for prefill-sized M (>= 1024 rows), a
   16-bit output, and operands that suit the tensor memory accelerator (`_use_tma`): persistent (one
-  program per SM, walking output tiles in grouped order), A and B tiles loaded by TMA through
+  or two programs per SM by config, walking output tiles in grouped order), A and B tiles loaded by TMA through
   host-side tensor descriptors, the residual loaded and the output stored by TMA. TMA zero-fills
   reads past M and K and clips writes past M and N, so there are no masks but the scales';
 - `_w8a8_gemm_pointer_kernel`, everywhere else (fewer rows, other GPUs, unaligned shapes, the
@@ -59,19 +59,22 @@ def _set_block_shapes(nargs):
 
 def _tma_configs():
     if _INTERPRET:  # one small config; subtiled, so the interpreter runs the split epilogue
-        shapes = [(32, 32, 32, 4, 1, True)]
-    else:  # measured on the H200: 256x128x128 with 4 stages (224 KB of shared memory) leads at most shapes;
-        # the autotuner skips configs that overflow shared memory (4 stages plus a residual block)
-        shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, epilogue in two halves)
-            (256, 128, 128, 8, 4, True), (256, 128, 128, 8, 3, True), (128, 256, 128, 8, 3, False),
-            (128, 256, 128, 8, 4, True), (128, 128, 128, 4, 4, False),
+        shapes = [(32, 32, 32, 4, 1, True, 1)]
+    else:  # measured on the H200 (benchmarks/RESULTS.md): 128x128x128 tiles, 3 stages, two programs per SM
+        # (112 KB of shared memory each) lead on every M 2048-8192 Llama shape: while one program runs its
+        # epilogue the other's MMAs keep the tensor cores busy (1.72-1.99x bf16 against 1.52-1.81x for
+        # one 256x128 program per SM). The autotuner skips configs that overflow shared memory (4 stages
+        # plus a residual block); a residual block makes the two-per-SM config run one per SM at a time.
+        shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, epilogue in two halves, programs per SM)
+            (128, 128, 128, 4, 3, True, 2), (256, 128, 128, 8, 4, True, 1), (256, 128, 128, 8, 3, True, 1),
+            (128, 256, 128, 8, 3, False, 1), (128, 128, 64, 4, 6, True, 2), (128, 128, 128, 4, 4, False, 1),
         ]
     return [
         triton.Config(
-            {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8, "SUBTILE": sub},
+            {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8, "SUBTILE": sub, "PROGRAMS_PER_SM": per_sm},
             num_warps=w, num_stages=s, pre_hook=_set_block_shapes,
         )
-        for m, n, k, w, s, sub in shapes
+        for m, n, k, w, s, sub, per_sm in shapes
     ]
 
 
@@ -150,6 +153,7 @@ def _w8a8_gemm_kernel(
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SUBTILE: tl.constexpr,  # epilogue in two column halves: half the registers and staging memory
+    PROGRAMS_PER_SM: tl.constexpr,  # the persistent grid's size per SM (read by the launcher's grid)
 ):
     # persistent: program p takes tiles p, p + programs, ...; the flattened loop lets the next
     # tile's loads start during this tile's epilogue
@@ -253,7 +257,8 @@ def _use_tma(
 
 
 def _num_programs(device: torch.device) -> int:
-    """The persistent grid: one program per SM (two under the interpreter, to exercise the tile loop)."""
+    """The persistent grid's unit: one program per SM, times the config's PROGRAMS_PER_SM (two in all
+    under the interpreter, to exercise the tile loop)."""
     if device.type != "cuda":
         return 2
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -288,7 +293,7 @@ def int8_gemm_scaled(
         block = [1, 1]  # placeholder: `_set_block_shapes` sets each config's blocks
         descs = [TensorDescriptor.from_tensor(t, block) for t in (q, weight, c, res)]
         programs = _num_programs(q.device)
-        grid = lambda meta: (min(programs, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)
+        grid = lambda meta: (min(programs * meta["PROGRAMS_PER_SM"], triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)
         _w8a8_gemm_kernel[grid](*descs, *scales, m, n, k, m_bucket, sa.stride(0), **flags)
     else:
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
