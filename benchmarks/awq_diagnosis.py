@@ -47,24 +47,11 @@ def rtn_gaps(model, tokens, bits: int, max_windows: int) -> list:
 
 
 def scale_search_gains(program, calibration, bits: int) -> list:
-    """[(input width K, linears, alpha, duo, best error / RTN error)] for every group AWQ searched, in order."""
-    import llmopt
-    import llmopt.passes.awq as awq_pass
+    """[(linears, alpha, duo, best error / RTN error)] for every group AWQ searched, in graph order (the pass's stats)."""
     from llmopt.passes import AWQ
 
-    found, search = [], awq_pass.search_awq_scales
-
-    def recording_search(x, weights, *args, **kwargs):
-        result = search(x, weights, *args, **kwargs)
-        found.append((x.shape[-1], len(weights), result.alpha, result.duo, float(result.errors.min() / result.errors[0, 0])))
-        return result
-
-    awq_pass.search_awq_scales = recording_search
-    try:
-        llmopt.compile(program.copy(), passes=[AWQ(bits=bits, group_size=128)], calibration=calibration, backend="torch")
-    finally:
-        awq_pass.search_awq_scales = search
-    return found
+    stats = AWQ(bits=bits, group_size=128)(program.copy(), calibration).stats
+    return list(zip(stats["groups"], stats["alphas"], stats["duo"], stats["error_vs_rtn"]))
 
 
 def main(argv=None):
@@ -92,9 +79,9 @@ def main(argv=None):
             print(f"| {label} | {ppl:.3f} | {gap:+.3f} | {100 * gap / whole:.0f}% |")
         print(f"\n### AWQ w{bits}g128 scale search: best output error / RTN's, per input group (in graph order)\n")
         gains = scale_search_gains(program, calibration, bits)
-        print("| group | input width | linears | alpha | duo | error ratio |\n| --- | ---: | ---: | ---: | --- | ---: |")
-        for i, (k, n, alpha, duo, ratio) in enumerate(gains):
-            print(f"| {i} | {k} | {n} | {alpha:.2f} | {duo} | {ratio:.3f} |")
+        print("| linears | alpha | duo | error ratio |\n| --- | ---: | --- | ---: |")
+        for names, alpha, duo, ratio in gains:
+            print(f"| {names} | {alpha:.2f} | {duo} | {ratio:.3f} |")
         print(flush=True)
 
 

@@ -257,6 +257,9 @@ def test_awq_inserts_a_scale_node_for_gelu():
     result = AWQ(4, group_size_for(program))(program.copy(), calibration(config.vocab_size))
     assert result.stats["scale_nodes_inserted"] == config.num_hidden_layers  # c_proj after GELU
     assert result.stats["linears_quantized"] == len(program.linears()) - 1
+    searched = len(result.stats["groups"])
+    assert searched >= config.num_hidden_layers and len(result.stats["error_vs_rtn"]) == searched
+    assert all(0 < r <= 1 for r in result.stats["error_vs_rtn"])  # RTN (s = 1) is always a candidate
 
 
 def test_rtn_layout_matches_the_compress_quantizer():
