@@ -7,6 +7,7 @@ of its 32 layers, since every layer is the same work) runs a prefill of `--token
 - llmopt backend="torch" (the captured ATen graph on PyTorch ops),
 - llmopt backend="triton" with FuseAttention (bf16),
 - llmopt SmoothQuant W8A8 with backend="triton" (when the W8A8 passes are installed),
+- llmopt RTN w4g128 (weight-only int4, what AWQ also produces) with backend="triton",
 each triton case also with `cuda_graphs=False` (every kernel launched from Python on every call),
 since the lowered programs replay a repeated shape from a CUDA graph when that measures faster.
 Prints a table of milliseconds, tokens/s and speed-up over transformers.
@@ -68,6 +69,10 @@ def run(args) -> list:
         case("llmopt SmoothQuant W8A8 backend=triton", lambda: cm_w8(ids))
         w8_no_graphs = lower(cm_w8.program, cuda_graphs=False)
         case("llmopt SmoothQuant W8A8 backend=triton, no CUDA graphs", lambda: w8_no_graphs(ids))
+        del cm_w8, w8_no_graphs
+    cm_w4 = llmopt.compile(model, passes=[P.RTN(bits=4, group_size=128), P.FuseAttention()], backend="triton")
+    case("llmopt RTN w4g128 (W4A16) backend=triton", lambda: cm_w4(ids))
+    del cm_w4
     base = rows[0]["ms"]
     bf16 = next((r["ms"] for r in rows if r["case"] == "llmopt backend=triton (bf16)"), float("nan"))
     for r in rows:

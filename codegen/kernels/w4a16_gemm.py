@@ -1,7 +1,10 @@
 """Weight-only group-quantized linear (W4/W3/W8, A16/A32) in Triton, reading the canonical layout.
 
 Entry point: `linear_wq(x, qweight, scales, zeros, bias, group_size, bits)`, the same function as
-`torch.ops.llmopt.linear_wq` up to fp32 rounding (see below). The weight is read as stored
+`torch.ops.llmopt.linear_wq` up to fp32 rounding (see below). Up to FUSED_MAX_M rows it runs the fused
+kernel below; above, it dequantizes the weight into a temporary (`dequantize_wq.py`) and calls
+`torch.nn.functional.linear`, as the reference does, so the result is the reference's exactly: on the
+H200 that was 1.06-2.46x faster than the fused kernel at M = 128 to 4096 (benchmarks/RESULTS.md). The weight is read as stored
 (`llmopt/ops/linear_wq.py`): uint8 `[N, K // 2]` with the even k in the low nibble (3-bit values
 sit in 4-bit slots), or uint8 `[N, K]` for 8 bits; there is no repacking step.
 
@@ -26,9 +29,9 @@ offset):
   reference's dequantization, one accumulator across blocks.
 x and scales (zeros too, when they leave the tile) are loaded an iteration ahead; the weight tiles
 are pipelined by the compiler (cp.async, num_stages deep); SUB = 2 takes two blocks per iteration.
-Split-K (SPLIT_K > 1, M <= 64): the last program of an output tile (an atomic counter that resets
+Split-K (SPLIT_K > 1): the last program of an output tile (an atomic counter that resets
 itself) sums the fp32 partials, so a call is a single launch. Two autotuners share the kernel:
-`_wq_gemv_kernel` for M <= 16 and `_wq_gemm_kernel` for M > 16, keyed on (M bucket, N, K, group
+`_wq_gemv_kernel` for M <= 16 and `_wq_gemm_kernel` for 16 < M <= FUSED_MAX_M, keyed on (M bucket, N, K, group
 size) and the GPU; they choose among these variants per shape.
 """
 from typing import Optional
@@ -37,11 +40,12 @@ import torch
 import triton
 import triton.language as tl
 
+from llmopt.codegen.kernels.dequantize_wq import dequantize_wq
 from llmopt.codegen.kernels.tuning import quick_bench
 
 _INTERPRET = triton.knobs.runtime.interpret
 DECODE_MAX_M = 16
-SPLIT_MAX_M = 64  # split-K configs are tried up to this M
+FUSED_MAX_M = 64  # above: dequantize, then cuBLAS (the fused kernel was slower from M = 128 on)
 _MIN_TILE = 16  # the smallest BLOCK_M and BLOCK_N: sizes the split-K counters
 
 
@@ -64,22 +68,15 @@ else:  # (BLOCK_M, BLOCK_N, warps, stages, SPLIT_K, SUB, SCALE_IN_TILE)
     _GEMM_CONFIGS = [
         _cfg(32, 128, 4, 4, 2), _cfg(32, 128, 4, 4, 4), _cfg(64, 64, 4, 4, 4), _cfg(64, 128, 8, 4, 1),
         _cfg(64, 128, 8, 4, 2), _cfg(64, 128, 8, 4, 4), _cfg(64, 128, 8, 4, 2, 2), _cfg(64, 128, 8, 4, 4, 2),
-        _cfg(64, 128, 4, 4, 2, 1, True), _cfg(64, 128, 4, 4, 4, 1, True),
-        _cfg(128, 128, 8, 3, 1, 1, True), _cfg(128, 128, 8, 4, 1),
-        _cfg(64, 256, 8, 3, 1, 1, True),
+        _cfg(64, 128, 4, 4, 2, 1, True), _cfg(64, 128, 4, 4, 4, 1, True), _cfg(64, 256, 8, 3, 1, 1, True),
     ]
 
 
 def _prune(configs, named_args, **kwargs):
-    """Tiles no taller than M needs; split-K only for small M (the workspace is sized for it); two
-    blocks per iteration only where the number of blocks is even."""
+    """Tiles no taller than M needs; two blocks per iteration only where the number of blocks is even."""
     args = {**named_args, **kwargs}
     m, num_kb = args["M_BUCKET"], args["K"] // args["BLOCK_K"]
-    fitting = [
-        c for c in configs
-        if c.kwargs["BLOCK_M"] <= max(m, 32) and (c.kwargs["SPLIT_K"] == 1 or m <= SPLIT_MAX_M)
-        and num_kb % c.kwargs["SUB"] == 0
-    ]
+    fitting = [c for c in configs if c.kwargs["BLOCK_M"] <= max(m, 32) and num_kb % c.kwargs["SUB"] == 0]
     assert fitting, f"no tile fits M bucket {m}, {num_kb} blocks"
     return fitting[:1] if _INTERPRET else fitting
 
@@ -289,7 +286,7 @@ def _store_output(y_ptr, bias_ptr, acc, offs_m, offs_n, cols, mask, stride_ym, H
 _AUTOTUNE = dict(key=["M_BUCKET", "N", "K", "GROUP_SIZE"], prune_configs_by={"early_config_prune": _prune},
                  do_bench=quick_bench)
 _wq_gemv_kernel = triton.autotune(configs=_DECODE_CONFIGS, **_AUTOTUNE)(_wq_kernel)  # M <= 16
-_wq_gemm_kernel = triton.autotune(configs=_GEMM_CONFIGS, **_AUTOTUNE)(_wq_kernel)  # M > 16
+_wq_gemm_kernel = triton.autotune(configs=_GEMM_CONFIGS, **_AUTOTUNE)(_wq_kernel)  # 16 < M <= FUSED_MAX_M
 _MAX_SPLIT_K = {k: max(c.kwargs["SPLIT_K"] for c in k.configs) for k in (_wq_gemv_kernel, _wq_gemm_kernel)}
 
 _counters = {}  # device -> int32 split-K arrival counters, all zero between launches
@@ -312,7 +309,8 @@ def linear_wq(
     group_size: int,
     bits: int,
 ) -> torch.Tensor:
-    """Same function as `torch.ops.llmopt.linear_wq`, one Triton launch."""
+    """Same function as `torch.ops.llmopt.linear_wq`: one Triton launch up to FUSED_MAX_M rows, else the
+    reference's own computation on a weight dequantized in one Triton launch."""
     assert bits in (3, 4, 8), f"bits={bits}: 3/4-bit (4-bit slots) and 8-bit are supported"
     lead, k = x.shape[:-1], x.shape[-1]
     n = qweight.shape[0]
@@ -324,19 +322,19 @@ def linear_wq(
     qweight, scales = qweight.contiguous(), scales.contiguous()
     zeros = zeros.to(scales.dtype).contiguous()
     bias = None if bias is None else bias.to(x.dtype).contiguous()
+    if m > FUSED_MAX_M:
+        w = dequantize_wq(qweight, scales, zeros, group_size, bits, x.dtype)  # w: [N, K]
+        return torch.nn.functional.linear(x2, w, bias).reshape(*lead, n)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)  # y: [M, N]
     if m == 0:
         return y.reshape(*lead, n)
     kernel = _wq_gemv_kernel if m <= DECODE_MAX_M else _wq_gemm_kernel
-    if m <= SPLIT_MAX_M:
-        ws = torch.empty(_MAX_SPLIT_K[kernel], m, n, dtype=torch.float32, device=x.device)  # ws: [S, M, N]
-        counters = _split_k_counters(x.device, triton.cdiv(m, _MIN_TILE) * triton.cdiv(n, _MIN_TILE))
-    else:  # no split-K config runs: placeholders
-        ws, counters = y, y
+    ws = torch.empty(_MAX_SPLIT_K[kernel], m, n, dtype=torch.float32, device=x.device)  # ws: [S, M, N]
+    counters = _split_k_counters(x.device, triton.cdiv(m, _MIN_TILE) * triton.cdiv(n, _MIN_TILE))
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
     kernel[grid](
         x2, qweight, scales, zeros, bias if bias is not None else scales, y, ws, counters,
-        m, n, k, min(triton.next_power_of_2(m), 4096),
+        m, n, k, triton.next_power_of_2(m),
         x2.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
         GROUP_SIZE=group_size, BITS=bits, HAS_BIAS=bias is not None,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", BLOCK_K=min(group_size, 128),

@@ -1,4 +1,4 @@
-"""Triton GEMM kernels (`quantize_rows`, `linear_w8a8`, `linear_wq`) against the reference ops.
+"""Triton GEMM kernels (`quantize_rows`, `linear_w8a8`, `linear_wq`, `dequantize_wq`) against the reference ops.
 
 Without CUDA the kernels run under the Triton interpreter (tests/codegen/conftest.py) at tiny
 shapes in fp16/fp32/int8 (the interpreter computes bf16 wrongly); `-m gpu` adds bf16 and
@@ -10,8 +10,9 @@ Tolerances, from the dtypes:
   ties to even), and int8 x int8 -> int32 is exact, so W8A8 differs from the reference only by
   the fp32 epilogue's rounding (~1e-7) and one or two roundings to the output dtype: fp16 2^-11
   each (2e-3 for two), bf16 2^-8 each (8e-3), fp32 1e-5;
-- W4A16 either dequantizes exactly as the reference does (checked bit for bit with identity
-  inputs) or applies zero point and scale in fp32 after the dot (W is then not rounded to 16 bits,
+- W4A16 above FUSED_MAX_M rows is the reference's own linear on a weight `dequantize_wq` makes bit
+  for bit, so it equals the reference exactly; up to FUSED_MAX_M it either dequantizes exactly as
+  the reference does (checked bit for bit with identity inputs) or applies zero point and scale in fp32 after the dot (W is then not rounded to 16 bits,
   and the zero-point term Σx costs up to 10 bits of fp32 precision, still ~1e-5 relative), so the
   differences are far below one rounding of the output to the activation dtype: fp16 1e-3 of the
   largest output, fp32 1e-5 (IEEE dots); bf16 on the GPU 1e-2, as cuBLAS's bf16 reference may
@@ -22,8 +23,9 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import llmopt.ops  # noqa: F401  (registers torch.ops.llmopt)
+from llmopt.codegen.kernels.dequantize_wq import dequantize_wq
 from llmopt.codegen.kernels.quantize_rows import quantize_rows
-from llmopt.codegen.kernels.w4a16_gemm import linear_wq
+from llmopt.codegen.kernels.w4a16_gemm import FUSED_MAX_M, linear_wq
 from llmopt.codegen.kernels.w8a8_gemm import linear_w8a8
 from llmopt.ops.linear_w8a8 import quantize_per_token, quantize_static
 from llmopt.ops.linear_wq import dequantize_groups, pack_int4
@@ -175,6 +177,29 @@ def test_linear_wq_dequantizes_exactly(m, bits):
     assert torch.equal(y, w.t()[cols.to(DEVICE)])
 
 
+@pytest.mark.parametrize("out_dtype,scale_dtype", [(torch.float16, torch.float16), (torch.float32, torch.float32),
+                                                   (torch.float16, torch.float32)])
+@pytest.mark.parametrize("n,k,group_size,bits", [(37, 64, 32, 4), (33, 512, 256, 3), (70, 256, 64, 8), (5, 256, 128, 4)])
+def test_dequantize_wq_is_bit_identical(n, k, group_size, bits, out_dtype, scale_dtype):
+    gen = torch.Generator().manual_seed(n * 31 + k + bits)
+    _, qweight, scales, zeros, _ = _wq_inputs(1, n, k, group_size, bits, scale_dtype, gen)
+    w = dequantize_wq(qweight, scales, zeros, group_size, bits, out_dtype)  # w: [N, K]
+    assert w.shape == (n, k) and w.dtype == out_dtype
+    assert torch.equal(w, dequantize_groups(qweight, scales, zeros, group_size, bits).to(out_dtype))
+
+
+@pytest.mark.parametrize("m", [FUSED_MAX_M + 1, 150])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_linear_wq_above_fused_max_m_is_the_reference(m, bits):
+    """Prefill-sized M dequantizes and calls the reference's linear: the same numbers, bit for bit."""
+    gen = torch.Generator().manual_seed(m + bits)
+    x, qweight, scales, zeros, bias = _wq_inputs(m, 40, 128, 32, bits, torch.float16, gen)
+    x = x.reshape(1, m, 128)  # leading dims are kept
+    y = linear_wq(x, qweight, scales, zeros, bias, 32, bits)
+    assert y.shape == (1, m, 40)
+    assert torch.equal(y, torch.ops.llmopt.linear_wq(x, qweight, scales, zeros, bias, 32, bits))
+
+
 @settings(max_examples=6, deadline=None)
 @given(
     m=st.sampled_from([1, 2, 5, 16, 19, 33]), n=st.integers(1, 80), groups=st.integers(1, 4),
@@ -190,6 +215,20 @@ def test_linear_wq_random_shapes(m, n, groups, group_size, seed):
 
 
 # ---- GPU: bf16 and Llama-sized shapes ----------------------------------------------------------
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("m,bits", [(333, 4), (2048, 4), (333, 8)])
+def test_linear_wq_prefill_gpu_is_the_reference(m, bits):
+    """bf16, Llama-sized: the dequantized weight is the reference's bit for bit, and so is the output."""
+    gen = torch.Generator().manual_seed(m + bits)
+    n, k, group_size = 4096 + 96, 4096, 128
+    x, qweight, scales, zeros, bias = _wq_inputs(m, n, k, group_size, bits, torch.bfloat16, gen)
+    w = dequantize_wq(qweight, scales, zeros, group_size, bits, torch.bfloat16)
+    assert torch.equal(w, dequantize_groups(qweight, scales, zeros, group_size, bits))
+    y = linear_wq(x, qweight, scales, zeros, bias, group_size, bits)
+    assert torch.equal(y, torch.ops.llmopt.linear_wq(x, qweight, scales, zeros, bias, group_size, bits))
 
 
 @pytest.mark.gpu
