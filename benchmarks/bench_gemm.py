@@ -24,7 +24,7 @@ import torch
 from benchmarks.common import header, measure_ceilings, print_table, rel_err, time_graph_ms
 from benchmarks.read_floor import read_floor_ms
 from llmopt.codegen.kernels.quantize_rows import quantize_rows
-from llmopt.codegen.kernels.w4a16_gemm import FUSED_MAX_M, _wq_gemm_kernel, _wq_gemv_kernel, linear_wq
+from llmopt.codegen.kernels.w4a16_gemm import DECODE_MAX_M, FUSED_MAX_M, _wq_gemm_kernel, _wq_gemv_kernel, linear_wq
 from llmopt.codegen.kernels.w8a8_gemm import _w8a8_gemm_kernel, int8_gemm_scaled, linear_w8a8
 from llmopt.ops.linear_wq import dequantize_groups, pack_int4
 
@@ -62,7 +62,7 @@ def w4a16_case(m: int, n: int, k: int, ceilings: dict) -> dict:
     t = time_graph_ms([lambda: linear_wq(x, qweight, scales, zeros, None, GROUP, 4)])
     weight_bytes = n * k // 2 + 2 * n * (k // GROUP) * 2
     gbs = weight_bytes / t / 1e6
-    config = _best(_wq_gemv_kernel if m <= 16 else _wq_gemm_kernel) if m <= FUSED_MAX_M else "dequantize + cuBLAS"
+    config = _best(_wq_gemv_kernel if m <= DECODE_MAX_M else _wq_gemm_kernel) if m <= FUSED_MAX_M else "dequantize + cuBLAS"
     copies = _stream_copies(weight_bytes)
     qws = [(qweight.clone(), scales.clone(), zeros.clone()) for _ in range(copies)]
     t_stream = time_graph_ms([lambda q=q: linear_wq(x, *q, None, GROUP, 4) for q in qws])
