@@ -1,5 +1,5 @@
 """`AWQ(bits=4, group_size=128, grid=20, symmetric=False, max_rows=4096, include_lm_head=False, duo_scaling=True,
-separate_clip=True)`:
+separate_clip=True, clip_sweeps=3)`:
 activation-aware weight quantization (Lin et al. 2023) into `torch.ops.llmopt.linear_wq`. Lossy.
 
 For each input group (`llmopt.producers.input_groups`: q/k/v after the attention norm, gate/up after
@@ -11,7 +11,10 @@ producer such as GELU gets an inserted scale node):
    a 'linear' producer whose map is not one-to-one (v→o under GQA) is not scaled;
 2. per linear, search the clip of every weight group on x / s (`compress.search_awq_clip`): with
    `separate_clip` (the default) the group's max and min shrink by separate ratios (OmniQuant's
-   learnable clipping, as a grid), else one ratio shrinks max|w| (AutoAWQ's clip);
+   learnable clipping, as a grid), else one ratio shrinks max|w| (AutoAWQ's clip); each group's
+   clip is first chosen by its own share of the output error, then `clip_sweeps` sweeps of
+   coordinate descent over each row's groups re-choose it by the row's whole output error (the
+   cross-group terms the per-group error leaves out);
 3. quantize as RTN does, with that clip (`compress.quantize_groups`); the linears become
    `linear_wq` at the end (`rtn.to_linear_wq`), holding their dequantized weights until then.
 
@@ -198,13 +201,15 @@ class AWQ(Pass):
 
     def __init__(self, bits: int = 4, group_size: int = 128, grid: int = 20, symmetric: bool = False,
                  max_rows: int = MAX_TOKENS, include_lm_head: bool = False, duo_scaling: bool = True,
-                 separate_clip: bool = True):
+                 separate_clip: bool = True, clip_sweeps: int = 3):
         check_bits(bits, "AWQ")
         if grid < 1 or max_rows < 1:
             raise PassError(f"AWQ: grid={grid} and max_rows={max_rows} must be >= 1 (defaults 20 and {MAX_TOKENS})")
+        if clip_sweeps < 0:
+            raise PassError(f"AWQ: clip_sweeps={clip_sweeps} must be >= 0 (0: each group's clip by its own error)")
         self.bits, self.group_size, self.grid, self.symmetric = bits, group_size, grid, symmetric
         self.max_rows, self.include_lm_head, self.duo_scaling = max_rows, include_lm_head, duo_scaling
-        self.separate_clip = separate_clip
+        self.separate_clip, self.clip_sweeps = separate_clip, clip_sweeps
 
     def check(self, program, calibration):
         super().check(program, checked_calibration(calibration, self.name))
@@ -267,7 +272,7 @@ class AWQ(Pass):
         for lin, x in inputs:  # after every fold: v's weight is final only once o's s is folded into it
             w = program.get_weight(lin.weight)
             clip = search_awq_clip(x, w, self.bits, self.group_size, symmetric=self.symmetric, max_tokens=self.max_rows,
-                                   separate=self.separate_clip)
+                                   separate=self.separate_clip, joint_sweeps=self.clip_sweeps)
             qw = quantize_groups(w, self.bits, self.group_size, self.symmetric, clip)
             program.set_weight(lin.weight, qw.dequantize())
             quantized.append((lin, qw))

@@ -403,6 +403,13 @@ def test_bits_outside_3_4_8_refused(make):
         make()
 
 
+@pytest.mark.parametrize("kwargs, message", [({"grid": 0}, "grid=0"), ({"max_rows": 0}, "max_rows=0"),
+                                             ({"clip_sweeps": -1}, "clip_sweeps=-1 must be >= 0")])
+def test_awq_search_settings_out_of_range_refused(kwargs, message):
+    with pytest.raises(PassError, match=message):
+        AWQ(bits=4, **kwargs)
+
+
 @pytest.mark.parametrize("first, second", [
     (lambda: RTN(4, 8), lambda: RTN(4, 8)),
     (lambda: W8A8(), lambda: W8A8()),

@@ -14,7 +14,11 @@ Entry points:
   `_compute_best_clip`); ratio 1 (no clip) is always on the grid. With `separate=True` -> [N, K // G, 2]:
   the group's max and min shrink by their own ratios (every pair on the grid, plus the one-ratio
   candidates as pairs, so it is never worse than the one-ratio search; OmniQuant's learnable weight
-  clipping, searched on a grid instead of learned).
+  clipping, searched on a grid instead of learned). With `joint_sweeps=S > 0`, the per-group choice
+  is only the start: S sweeps of coordinate descent over each output row's groups then choose every
+  group's clip by the whole row's output error ‖Σ_g ΔW_g x_gᵀ‖², cross-group terms included (through
+  the full Gram matrix), which the per-group error leaves out; each step keeps its group's current
+  clip among the candidates, so a sweep never raises the row's error.
 The graph pass folds s into the preceding op (W·s here, x/s there), searches the clip on the scaled
 weight, then calls `quantize_groups(w * s, bits, group_size, clip_ratio=clip)`.
 
@@ -99,19 +103,23 @@ def search_awq_clip(
     symmetric: bool = False,
     max_tokens: int = MAX_TOKENS,
     separate: bool = False,
+    joint_sweeps: int = 0,
 ) -> torch.Tensor:
     """-> clip ratios [N, K // G] fp32 in {1, 1 - 1/n_grid, ...} (> 1 - max_shrink), for `quantize_groups`;
-    with `separate`, [N, K // G, 2]: (max ratio, min ratio) per group (see the module docstring)."""
+    with `separate`, [N, K // G, 2]: (max ratio, min ratio) per group; `joint_sweeps`: coordinate
+    descent on each row's whole output error (see the module docstring)."""
     if w.dim() != 2:
         raise ValueError(f"search_awq_clip: weight must be 2-D [N, K], got shape {tuple(w.shape)}")
     check_quantizable(w, bits, group_size, None, "search_awq_clip")
-    if n_grid < 1 or not 0.0 <= max_shrink < 1.0:
-        raise ValueError(f"search_awq_clip: need n_grid >= 1 and 0 <= max_shrink < 1 (got {n_grid}, {max_shrink})")
+    if n_grid < 1 or not 0.0 <= max_shrink < 1.0 or joint_sweeps < 0:
+        raise ValueError(f"search_awq_clip: need n_grid >= 1, 0 <= max_shrink < 1 and joint_sweeps >= 0 "
+                         f"(got {n_grid}, {max_shrink}, {joint_sweeps})")
     n_out, k = w.shape
     ng = k // group_size
     xs = calibration_rows(x, k, max_tokens, w.device, "search_awq_clip")  # [n, K]
     xg = xs.reshape(-1, ng, group_size).transpose(0, 1)  # [ng, n, G]
     gram = xg.transpose(1, 2) @ xg  # [ng, G, G]: per-group Gram blocks
+    full_gram = xs.t() @ xs if joint_sweeps else None  # [K, K]: the cross-group blocks too
     n_ratios = max(1, int(max_shrink * n_grid))
     ratios = 1.0 - torch.arange(n_ratios, dtype=torch.float32, device=w.device) / n_grid  # [R]
     clip = torch.empty(n_out, ng, *((2,) if separate else ()), dtype=torch.float32, device=w.device)
@@ -123,9 +131,32 @@ def search_awq_clip(
         t = dq.permute(2, 0, 1, 3).reshape(ng, -1, group_size)  # [ng, C·c, G]
         err = (t @ gram).mul_(t).sum(dim=-1).reshape(ng, cand.shape[0], -1)  # [ng, C, c]
         best = err.argmin(dim=1).t()  # [c, ng]; first minimum: ties keep candidate 0 (no clip)
+        if joint_sweeps:
+            best = _descend_rows(dq, err, best, full_gram, joint_sweeps)
         index = best.reshape(1, *best.shape, *((1,) * (cand.dim() - 3))).expand(1, *cand.shape[1:])
         clip[r0 : r0 + wc.shape[0]] = cand.gather(0, index)[0]
     return clip
+
+
+def _descend_rows(dq: torch.Tensor, own: torch.Tensor, best: torch.Tensor, gram: torch.Tensor, sweeps: int) -> torch.Tensor:
+    """Coordinate descent over the groups of each row. dq: [C, c, ng, G] every candidate's ΔW; own:
+    [ng, C, c] each candidate's ΔW_g H_gg ΔW_gᵀ; best: [c, ng] the start; gram: [K, K]. A row's error is
+    Σ_g own_g + 2 Σ_{g<h} ΔW_g H_gh ΔW_hᵀ; group g's step minimizes own_g + 2 ΔW_g · r_g over the
+    candidates, r_g = Σ_{h≠g} ΔW_h H_hg, the other groups held. -> [c, ng], the candidates chosen."""
+    n_cand, c, ng, g_size = dq.shape
+    rows = torch.arange(c, device=dq.device)
+    best = best.clone()
+    cur = dq[best, rows[:, None], torch.arange(ng, device=dq.device)]  # [c, ng, G] the chosen ΔW
+    for _ in range(sweeps):
+        for g in range(ng):
+            cols = slice(g * g_size, (g + 1) * g_size)
+            r = cur.reshape(c, -1) @ gram[:, cols] - cur[:, g] @ gram[cols, cols]  # [c, G]
+            step = own[g] + 2 * (dq[:, :, g] * r).sum(dim=-1)  # [C, c]
+            # the current choice wins ties, so the row's error never rises
+            keep = step.gather(0, best[None, :, g]) <= step.min(dim=0, keepdim=True).values
+            best[:, g] = torch.where(keep[0], best[:, g], step.argmin(dim=0))
+            cur[:, g] = dq[best[:, g], rows, g]
+    return best
 
 
 def _clip_candidates(wc: torch.Tensor, ratios: torch.Tensor, separate: bool) -> torch.Tensor:
