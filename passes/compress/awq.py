@@ -35,6 +35,7 @@ from llmopt.passes.compress.calib import calibration_rows, channel_abs_mean, row
 from llmopt.passes.compress.rtn import check_quantizable, fake_quant
 
 MAX_TOKENS = 4096  # calibration rows kept per search (evenly spaced subsample)
+JOINT_CHUNK_FACTOR = 4  # clip search chunks this many times calib.CHUNK_ELEMENTS when descending jointly
 
 
 class AwqScales(NamedTuple):
@@ -123,7 +124,8 @@ def search_awq_clip(
     n_ratios = max(1, int(max_shrink * n_grid))
     ratios = 1.0 - torch.arange(n_ratios, dtype=torch.float32, device=w.device) / n_grid  # [R]
     clip = torch.empty(n_out, ng, *((2,) if separate else ()), dtype=torch.float32, device=w.device)
-    step = rows_per_chunk(n_ratios * (n_ratios + 1 if separate else 1) * k, w.device)
+    # the joint descent's steps cost a few kernel launches each whatever the chunk's size: larger chunks
+    step = rows_per_chunk(n_ratios * (n_ratios + 1 if separate else 1) * k, w.device) * (JOINT_CHUNK_FACTOR if joint_sweeps else 1)
     for r0 in range(0, n_out, step):
         wc = w[r0 : r0 + step].float().reshape(-1, ng, group_size)  # [c, ng, G]
         cand = _clip_candidates(wc, ratios, separate)  # [C, c, ng] or [C, c, ng, 2]

@@ -150,11 +150,12 @@ def test_clip_search_lowers_output_error_on_heavy_tailed_weights():
     assert clipped < 0.99 * plain, (clipped, plain)  # measured: about 0.975
 
 
-def test_clip_search_chunked_equals_unchunked(monkeypatch):
+@pytest.mark.parametrize("joint_sweeps", [0, 2])
+def test_clip_search_chunked_equals_unchunked(monkeypatch, joint_sweeps):
     x, weights = _outlier_case()
-    whole = search_awq_clip(x, weights[0], 4, 32)
-    monkeypatch.setitem(calib.CHUNK_ELEMENTS, "cpu", 30000)  # 23 rows per chunk
-    assert torch.equal(search_awq_clip(x, weights[0], 4, 32), whole)
+    whole = search_awq_clip(x, weights[0], 4, 32, joint_sweeps=joint_sweeps)
+    monkeypatch.setitem(calib.CHUNK_ELEMENTS, "cpu", 6000)  # 4 rows per chunk (16 when descending jointly)
+    assert torch.equal(search_awq_clip(x, weights[0], 4, 32, joint_sweeps=joint_sweeps), whole)
 
 
 def test_clip_search_without_shrink_keeps_everything():
