@@ -124,8 +124,9 @@ def search_awq_clip(
     n_ratios = max(1, int(max_shrink * n_grid))
     ratios = 1.0 - torch.arange(n_ratios, dtype=torch.float32, device=w.device) / n_grid  # [R]
     clip = torch.empty(n_out, ng, *((2,) if separate else ()), dtype=torch.float32, device=w.device)
-    # the joint descent's steps cost a few kernel launches each whatever the chunk's size: larger chunks
-    step = rows_per_chunk(n_ratios * (n_ratios + 1 if separate else 1) * k, w.device) * (JOINT_CHUNK_FACTOR if joint_sweeps else 1)
+    step = rows_per_chunk(n_ratios * (n_ratios + 1 if separate else 1) * k, w.device)
+    if joint_sweeps:  # each descent step is a few small kernels whatever the chunk's size: fewer, larger chunks
+        step *= JOINT_CHUNK_FACTOR
     for r0 in range(0, n_out, step):
         wc = w[r0 : r0 + step].float().reshape(-1, ng, group_size)  # [c, ng, G]
         cand = _clip_candidates(wc, ratios, separate)  # [C, c, ng] or [C, c, ng, 2]
