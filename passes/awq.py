@@ -1,5 +1,5 @@
 """`AWQ(bits=4, group_size=128, grid=20, symmetric=False, max_rows=4096, include_lm_head=False, duo_scaling=True,
-separate_clip=True, clip_sweeps=3)`:
+separate_clip=True, clip_sweeps=3, rounding="nearest")`:
 activation-aware weight quantization (Lin et al. 2023) into `torch.ops.llmopt.linear_wq`. Lossy.
 
 For each input group (`llmopt.producers.input_groups`: q/k/v after the attention norm, gate/up after
@@ -15,8 +15,10 @@ producer such as GELU gets an inserted scale node):
    clip is first chosen by its own share of the output error, then `clip_sweeps` sweeps of
    coordinate descent over each row's groups re-choose it by the row's whole output error (the
    cross-group terms the per-group error leaves out);
-3. quantize as RTN does, with that clip (`compress.quantize_groups`); the linears become
-   `linear_wq` at the end (`rtn.to_linear_wq`), holding their dequantized weights until then.
+3. quantize as RTN does, with that clip (`compress.quantize_groups`), or with `rounding="gptq"`
+   round by GPTQ's error feedback on the same calibration rows under the same group ranges
+   (`compress.gptq_quantize`; the AWQ paper notes the two combine); the linears become `linear_wq`
+   at the end (`rtn.to_linear_wq`), holding their dequantized weights until then.
 
 Calibration runs layer by layer, in one staged pass over the calibration chunks rather than one
 calibrator run per layer (L forward passes) or one run sampling every group up front (which can't
@@ -41,6 +43,7 @@ from torch.fx import GraphModule, Node
 
 from llmopt.errors import PassError
 from llmopt.passes.compress.awq import MAX_TOKENS, search_awq_clip, search_awq_scales
+from llmopt.passes.compress.gptq import gptq_quantize
 from llmopt.passes.compress.rtn import quantize_groups
 from llmopt.passes.rtn import (
     all_finite,
@@ -198,6 +201,12 @@ class AWQ(Pass):
     error (`compress.search_awq_clip(joint_sweeps=...)`): on the same benchmark 24% -> 34% (w4) and
     44% -> 45% (w3), with outliers 65% -> 69% (w4) and 57% -> 61% (w3), for about twice the pass time
     (10.3 -> 19.8 s on 2 CPU cores; 105 -> 163 s for a Llama-2-7B shape on an H200). 0 turns it off.
+
+    `rounding="gptq"` rounds each linear's codes by GPTQ's error feedback (`compress.gptq_quantize`)
+    instead of to nearest, on the `max_rows` calibration rows the searches use (raise `max_rows` to
+    at least K for wide layers: the Gram matrix of fewer rows is rank-deficient and only the damping
+    holds it). On the first 300 WikiText-2 test windows (benchmarks/RESULTS.md, session 8) it closed
+    6-7 points more of RTN's gap on average over three calibration draws, with a spread of -12 to +18.
     """
 
     exact = False
@@ -206,13 +215,16 @@ class AWQ(Pass):
 
     def __init__(self, bits: int = 4, group_size: int = 128, grid: int = 20, symmetric: bool = False,
                  max_rows: int = MAX_TOKENS, include_lm_head: bool = False, duo_scaling: bool = True,
-                 separate_clip: bool = True, clip_sweeps: int = 3):
+                 separate_clip: bool = True, clip_sweeps: int = 3, rounding: str = "nearest"):
         check_bits(bits, "AWQ")
         if grid < 1 or max_rows < 1:
             raise PassError(f"AWQ: grid={grid} and max_rows={max_rows} must be >= 1 (defaults 20 and {MAX_TOKENS})")
         if clip_sweeps < 0:
             raise PassError(f"AWQ: clip_sweeps={clip_sweeps} must be >= 0 (0: each group's clip by its own error)")
+        if rounding not in ("nearest", "gptq"):
+            raise PassError(f"AWQ: rounding={rounding!r} is not supported; use 'nearest' (the paper's) or 'gptq'")
         self.bits, self.group_size, self.grid, self.symmetric = bits, group_size, grid, symmetric
+        self.rounding = rounding
         self.max_rows, self.include_lm_head, self.duo_scaling = max_rows, include_lm_head, duo_scaling
         self.separate_clip, self.clip_sweeps = separate_clip, clip_sweeps
 
@@ -278,7 +290,10 @@ class AWQ(Pass):
             w = program.get_weight(lin.weight)
             clip = search_awq_clip(x, w, self.bits, self.group_size, symmetric=self.symmetric, max_tokens=self.max_rows,
                                    separate=self.separate_clip, joint_sweeps=self.clip_sweeps)
-            qw = quantize_groups(w, self.bits, self.group_size, self.symmetric, clip)
+            if self.rounding == "gptq":
+                qw = gptq_quantize(w, x, self.bits, self.group_size, self.symmetric, clip)
+            else:
+                qw = quantize_groups(w, self.bits, self.group_size, self.symmetric, clip)
             program.set_weight(lin.weight, qw.dequantize())
             quantized.append((lin, qw))
         return scaled

@@ -231,6 +231,21 @@ def test_awq_error_at_most_rtn_on_the_reference_model_layers():
     assert rel_error(awq, program, ids) < rel_error(rtn, program, ids)
 
 
+def test_awq_gptq_rounding_keeps_the_search_and_lowers_the_calibration_error():
+    program, _, ids = reference(layers=2)
+    calib = Calibration([ids], progress=False)
+    nearest = AWQ(4, 128, grid=10, clip_sweeps=0)(program.copy(), calib)
+    gptq = AWQ(4, 128, grid=10, clip_sweeps=0, rounding="gptq")(program.copy(), calib)
+    # the first group's search sees the same inputs either way (later ones see the quantized earlier layers)
+    assert nearest.stats["alphas"][0] == gptq.stats["alphas"][0]
+    linears = {lin.name: lin for lin in gptq.program.linears() if lin.kind == "wq"}
+    assert len(linears) == len(program.linears()) - 1
+    first = next(lin for lin in nearest.program.linears() if lin.kind == "wq")  # q_proj of layer 0: same ranges
+    assert torch.equal(nearest.program.get_weight(first.node.args[2]), gptq.program.get_weight(linears[first.name].node.args[2]))
+    assert not torch.equal(nearest.program.get_weight(first.weight), gptq.program.get_weight(linears[first.name].weight))
+    assert rel_error(gptq.program, program, ids) < rel_error(nearest.program, program, ids)
+
+
 def test_staged_run_reproduces_the_program_stage_by_stage():
     config, _, program = family("gpt_neox")  # parallel residual, fused qkv, GELU MLP: an 'other' group
     ids = torch.randint(0, config.vocab_size, (5, 8), generator=torch.Generator().manual_seed(5))
@@ -404,7 +419,8 @@ def test_bits_outside_3_4_8_refused(make):
 
 
 @pytest.mark.parametrize("kwargs, message", [({"grid": 0}, "grid=0"), ({"max_rows": 0}, "max_rows=0"),
-                                             ({"clip_sweeps": -1}, "clip_sweeps=-1 must be >= 0")])
+                                             ({"clip_sweeps": -1}, "clip_sweeps=-1 must be >= 0"),
+                                             ({"rounding": "stochastic"}, "rounding='stochastic' is not supported")])
 def test_awq_search_settings_out_of_range_refused(kwargs, message):
     with pytest.raises(PassError, match=message):
         AWQ(bits=4, **kwargs)

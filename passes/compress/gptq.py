@@ -1,0 +1,85 @@
+"""GPTQ rounding (Frantar et al. 2023) under fixed group scales and zero points.
+
+Entry point: `gptq_quantize(w, x, bits, group_size, symmetric, clip_ratio, damp)` -> `QuantizedWeight`,
+the same layout, scales and zero points as `quantize_groups(w, bits, group_size, symmetric,
+clip_ratio)`; only the integer codes differ. Round-to-nearest rounds every weight on its own; GPTQ
+rounds the input columns one at a time and moves each column's rounding error onto the columns not
+yet rounded, through the inverse of the calibration inputs' Gram matrix H = xᵀx / n, so that the
+layer's output error on x, ‖x (Ŵ - W)ᵀ‖², is what the codes minimize column by column (the
+"static groups" form: the groups' ranges are fixed before rounding, here by AWQ's clip search).
+
+With a diagonal H (uncorrelated inputs) no error moves and the codes are round-to-nearest's exactly.
+`damp` adds that fraction of H's mean diagonal to its diagonal (GPTQ's 1%), which keeps the Cholesky
+factorization defined when x has fewer rows than K or dead input channels.
+"""
+from typing import Optional
+
+import torch
+
+from llmopt.ops.linear_wq import pack_int4
+from llmopt.passes.compress.rtn import QuantizedWeight, check_quantizable, group_scale_zero
+
+BLOCK = 128  # columns rounded per step before the rest of W is updated at once
+
+
+def gptq_quantize(
+    w: torch.Tensor,  # [N, K] float
+    x: torch.Tensor,  # [n, K] calibration inputs, as the linear sees them
+    bits: int,
+    group_size: int,
+    symmetric: bool = False,
+    clip_ratio: Optional[torch.Tensor] = None,  # as for quantize_groups
+    damp: float = 0.01,
+) -> QuantizedWeight:
+    """Group quantization of `w` with GPTQ's error-feedback rounding on the inputs `x`; see the module docstring."""
+    check_quantizable(w, bits, group_size, clip_ratio, "gptq_quantize")
+    n, k = w.shape
+    if x.dim() != 2 or x.shape[1] != k or x.shape[0] == 0:
+        raise ValueError(f"gptq_quantize: inputs must be [n >= 1, K={k}], got {tuple(x.shape)}")
+    if not damp > 0:
+        raise ValueError(f"gptq_quantize: damp={damp} must be > 0 (GPTQ uses 0.01)")
+    wg = w.float().reshape(n, k // group_size, group_size)  # [N, ng, G]
+    scale, zero = group_scale_zero(wg, bits, symmetric, clip_ratio, w.dtype)  # [N, ng, 1] each
+    scale = scale.squeeze(-1).repeat_interleave(group_size, dim=1)  # [N, K]
+    zero = zero.squeeze(-1).repeat_interleave(group_size, dim=1)  # [N, K]
+    u = _inverse_hessian_factor(x, damp)  # [K, K] upper triangular
+    codes = _round_columns(w.float().clone(), u, scale, zero, 2**bits - 1)  # [N, K]
+    q = codes.to(torch.uint8)
+    return QuantizedWeight(
+        qweight=pack_int4(q) if bits <= 4 else q,
+        scales=scale[:, ::group_size].to(w.dtype),
+        zeros=zero[:, ::group_size].to(w.dtype),
+        bits=bits,
+        group_size=group_size,
+        symmetric=symmetric,
+    )
+
+
+def _inverse_hessian_factor(x: torch.Tensor, damp: float) -> torch.Tensor:
+    """x: [n, K] -> U: [K, K], the upper Cholesky factor of (xᵀx / n + damp·mean diag·I)⁻¹."""
+    xf = x.float()
+    h = xf.t() @ xf / xf.shape[0]  # [K, K]
+    diag = torch.diagonal(h)
+    diag[diag == 0] = 1.0  # a dead input: its weight's error costs nothing; keep H invertible
+    diag += damp * diag.mean()
+    lower, info = torch.linalg.cholesky_ex(h)
+    if int(info) != 0:
+        raise ValueError(f"gptq_quantize: the calibration inputs' Gram matrix is not positive definite at damp={damp}; raise damp")
+    return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
+
+
+def _round_columns(w, u, scale, zero, qmax) -> torch.Tensor:
+    """w: [N, K] fp32 (updated in place), u: [K, K], scale/zero: [N, K] -> codes [N, K] fp32."""
+    codes = torch.empty_like(w)
+    k = w.shape[1]
+    for b0 in range(0, k, BLOCK):
+        b1 = min(b0 + BLOCK, k)
+        errs = torch.empty(w.shape[0], b1 - b0, dtype=w.dtype, device=w.device)  # [N, b1 - b0]
+        for j in range(b0, b1):
+            q = torch.clamp(torch.round(w[:, j] / scale[:, j]) + zero[:, j], 0, qmax)  # [N]
+            codes[:, j] = q
+            err = (w[:, j] - (q - zero[:, j]) * scale[:, j]) / u[j, j]  # [N]
+            w[:, j:b1] -= err[:, None] * u[j, j:b1][None, :]
+            errs[:, j - b0] = err
+        w[:, b1:] -= errs @ u[b0:b1, b1:]
+    return codes
