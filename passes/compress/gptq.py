@@ -16,8 +16,7 @@ from typing import Optional
 
 import torch
 
-from llmopt.ops.linear_wq import pack_int4
-from llmopt.passes.compress.rtn import QuantizedWeight, check_quantizable, group_scale_zero
+from llmopt.passes.compress.rtn import QuantizedWeight, check_quantizable, group_scale_zero, quantize_codes
 
 BLOCK = 128  # columns rounded per step before the rest of W is updated at once
 
@@ -40,19 +39,10 @@ def gptq_quantize(
         raise ValueError(f"gptq_quantize: damp={damp} must be > 0 (GPTQ uses 0.01)")
     wg = w.float().reshape(n, k // group_size, group_size)  # [N, ng, G]
     scale, zero = group_scale_zero(wg, bits, symmetric, clip_ratio, w.dtype)  # [N, ng, 1] each
-    scale = scale.squeeze(-1).repeat_interleave(group_size, dim=1)  # [N, K]
-    zero = zero.squeeze(-1).repeat_interleave(group_size, dim=1)  # [N, K]
+    scale, zero = scale.squeeze(-1), zero.squeeze(-1)  # [N, ng] each
     u = _inverse_hessian_factor(x, damp)  # [K, K] upper triangular
-    codes = _round_columns(w.float().clone(), u, scale, zero, 2**bits - 1)  # [N, K]
-    q = codes.to(torch.uint8)
-    return QuantizedWeight(
-        qweight=pack_int4(q) if bits <= 4 else q,
-        scales=scale[:, ::group_size].to(w.dtype),
-        zeros=zero[:, ::group_size].to(w.dtype),
-        bits=bits,
-        group_size=group_size,
-        symmetric=symmetric,
-    )
+    codes = _round_columns(w.float().clone(), u, scale, zero, bits, group_size)  # [N, K]
+    return QuantizedWeight.from_codes(codes, scale.to(w.dtype), zero.to(w.dtype), bits, group_size, symmetric)
 
 
 def _inverse_hessian_factor(x: torch.Tensor, damp: float) -> torch.Tensor:
@@ -68,17 +58,19 @@ def _inverse_hessian_factor(x: torch.Tensor, damp: float) -> torch.Tensor:
     return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
 
 
-def _round_columns(w, u, scale, zero, qmax) -> torch.Tensor:
-    """w: [N, K] fp32 (updated in place), u: [K, K], scale/zero: [N, K] -> codes [N, K] fp32."""
+def _round_columns(w, u, scale, zero, bits: int, group_size: int) -> torch.Tensor:
+    """w: [N, K] fp32 (updated in place), u: [K, K], scale/zero: [N, K // G] -> codes [N, K] fp32,
+    each column rounded as `quantize_codes` rounds (so a diagonal H gives RTN's codes)."""
     codes = torch.empty_like(w)
     k = w.shape[1]
     for b0 in range(0, k, BLOCK):
         b1 = min(b0 + BLOCK, k)
         errs = torch.empty(w.shape[0], b1 - b0, dtype=w.dtype, device=w.device)  # [N, b1 - b0]
         for j in range(b0, b1):
-            q = torch.clamp(torch.round(w[:, j] / scale[:, j]) + zero[:, j], 0, qmax)  # [N]
+            s, z = scale[:, j // group_size], zero[:, j // group_size]  # [N] each
+            q = quantize_codes(w[:, j], s, z, bits)  # [N]
             codes[:, j] = q
-            err = (w[:, j] - (q - zero[:, j]) * scale[:, j]) / u[j, j]  # [N]
+            err = (w[:, j] - (q - z) * s) / u[j, j]  # [N]
             w[:, j:b1] -= err[:, None] * u[j, j:b1][None, :]
             errs[:, j - b0] = err
         w[:, b1:] -= errs @ u[b0:b1, b1:]

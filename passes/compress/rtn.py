@@ -41,6 +41,12 @@ class QuantizedWeight:
     group_size: int
     symmetric: bool = False
 
+    @classmethod
+    def from_codes(cls, codes, scales, zeros, bits: int, group_size: int, symmetric: bool = False) -> "QuantizedWeight":
+        """codes: [N, K] integer-valued in [0, 2^bits - 1]; scales, zeros: [N, K // G] in their storage dtype."""
+        q = codes.to(torch.uint8)
+        return cls(pack_int4(q) if bits <= 4 else q, scales, zeros, bits, group_size, symmetric)
+
     def codes(self) -> torch.Tensor:
         """-> [N, K] uint8 integer codes in [0, 2^bits - 1]."""
         return unpack_int4(self.qweight) if self.bits <= 4 else self.qweight
@@ -64,15 +70,8 @@ def quantize_groups(
     n, k = w.shape
     wg = w.float().reshape(n, k // group_size, group_size)  # [N, ng, G]
     scale, zero = group_scale_zero(wg, bits, symmetric, clip_ratio, w.dtype)  # [N, ng, 1] each
-    q = quantize_codes(wg, scale, zero, bits).reshape(n, k).to(torch.uint8)  # [N, K]
-    return QuantizedWeight(
-        qweight=pack_int4(q) if bits <= 4 else q,
-        scales=scale.squeeze(-1).to(w.dtype),
-        zeros=zero.squeeze(-1).to(w.dtype),
-        bits=bits,
-        group_size=group_size,
-        symmetric=symmetric,
-    )
+    q = quantize_codes(wg, scale, zero, bits).reshape(n, k)  # [N, K]
+    return QuantizedWeight.from_codes(q, scale.squeeze(-1).to(w.dtype), zero.squeeze(-1).to(w.dtype), bits, group_size, symmetric)
 
 
 def fake_quantize_groups(
