@@ -7,8 +7,10 @@ with the producer of that value:
   input (v → o), through a gated product (up → down in SiLU·mul MLPs) or through ReLU;
 - `other`: anything else (GELU between fc1 and fc2, say).
 `fold_scales(program, group, s)` divides the producer's output channels by `s` and multiplies the
-consumers' input columns by `s`, which keeps the function exactly (for `other`, an explicit scale node
-is inserted). Smooth and AWQ are built on these two functions.
+consumers' input columns by `s`, which keeps the function exactly (for `other`, and for scales that are
+not equal over a group's `ties`, an explicit scale node is inserted). Under GQA each of v's channels
+feeds one channel of every query head of its KV head; those o_proj inputs are a group's `ties`, and a
+scale equal over them folds into v. Smooth and AWQ are built on these two functions.
 
 Channel maps (which producer channel feeds which consumer input channel) are measured, not assumed:
 one probe run of the Program on a single token writes each producer channel's index into its output
@@ -48,12 +50,20 @@ class InputGroup:
 
     @property
     def foldable(self) -> bool:
-        """Whether scales can be folded into the producer (else a scale node is inserted)."""
+        """Whether scales can be folded into the producer (else a scale node is inserted); when the
+        producer's channels each feed several consumer channels, only scales equal over `ties` fold."""
         if self.kind == "norm":
             return True
-        if self.kind == "linear" and self.channel_map is not None and self.producer.kind == "dense":
-            return bool(self.channel_map.unique().numel() == self.channel_map.numel())
-        return False
+        return self.kind == "linear" and self.channel_map is not None and self.producer.kind == "dense"
+
+    @property
+    def ties(self) -> Optional[torch.Tensor]:
+        """[K] long, or None when every channel can take its own scale: consumer channels with equal
+        entries read one producer channel (v's channels under GQA, each read by the query heads of its
+        KV head), so a scale folds into the producer only if it is equal over them."""
+        if self.foldable and self.kind == "linear" and self.channel_map.unique().numel() < self.channel_map.numel():
+            return self.channel_map
+        return None
 
 
 def input_groups(program, include_lm_head: bool = False) -> list:
@@ -157,7 +167,8 @@ def _probe_channel_maps(program, groups):
 
 
 def fold_scales(program, group: InputGroup, s: torch.Tensor):
-    """Divide the producer's output channels by s [K] and multiply consumers' input columns by s."""
+    """Divide the producer's output channels by s [K] and multiply consumers' input columns by s (a scale
+    node instead of the producer's division when there is no producer, or s is not equal over `ties`)."""
     quantized = [lin.name for lin in group.consumers + ([group.producer] if group.producer is not None else []) if lin.kind != "dense"]
     if quantized:
         raise PassError(f"cannot fold scales into quantized linears ({', '.join(quantized)}): run Smooth/AWQ before quantizing")
@@ -169,7 +180,7 @@ def fold_scales(program, group: InputGroup, s: torch.Tensor):
         if norm.bias is not None:
             b = program.get_weight(norm.bias)
             program.set_weight(norm.bias, (b.float() / s).to(b.dtype))
-    elif group.foldable:
+    elif group.foldable and equal_over_ties(s, group.ties):
         lin = group.producer
         w = program.get_weight(lin.weight).float().clone()
         divisor = torch.ones(w.shape[0], device=w.device)
@@ -183,6 +194,15 @@ def fold_scales(program, group: InputGroup, s: torch.Tensor):
     for lin in group.consumers:
         w = program.get_weight(lin.weight)
         program.set_weight(lin.weight, (w.float() * s[None, :]).to(w.dtype))
+
+
+def equal_over_ties(s: torch.Tensor, ties: Optional[torch.Tensor]) -> bool:
+    """Whether s [K] takes one value over each set of channels with equal `ties` [K] (True for None)."""
+    if ties is None:
+        return True
+    ties = ties.to(s.device)
+    one_each = torch.zeros(int(ties.max()) + 1, dtype=s.dtype, device=s.device).scatter_(0, ties, s)  # one of each set's values
+    return torch.equal(one_each[ties], s)
 
 
 def _insert_scale_node(program, group: InputGroup, s: torch.Tensor):

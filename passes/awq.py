@@ -3,12 +3,13 @@ separate_clip=True, clip_sweeps=3, rounding="nearest")`:
 activation-aware weight quantization (Lin et al. 2023) into `torch.ops.llmopt.linear_wq`. Lossy.
 
 For each input group (`llmopt.producers.input_groups`: q/k/v after the attention norm, gate/up after
-the MLP norm, v→o when its channel map is one-to-one, up→down, fc1→fc2 through ReLU; an 'other'
+the MLP norm, v→o (under GQA too), up→down, fc1→fc2 through ReLU; an 'other'
 producer such as GELU gets an inserted scale node):
 1. search s = mean|x|^α, α ∈ {0, 1/grid, ..., 1} (and with `duo_scaling` also AutoAWQ's
    mean|x|^α / mean|ŵ|^(1−α)), by the group's quantized output error (`compress.search_awq_scales`;
-   plain α = 0 is RTN) and fold it exactly (`producers.fold_scales`);
-   a 'linear' producer whose map is not one-to-one (v→o under GQA) is not scaled;
+   plain α = 0 is RTN) and fold it exactly (`producers.fold_scales`); where one producer channel
+   feeds several inputs (v→o under GQA: each v channel is read by every query head of its KV head),
+   the candidates take one scale per producer channel, from the means pooled over its inputs;
 2. per linear, search the clip of every weight group on x / s (`compress.search_awq_clip`): with
    `separate_clip` (the default) the group's max and min shrink by separate ratios (OmniQuant's
    learnable clipping, as a grid), else one ratio shrinks max|w| (AutoAWQ's clip); each group's
@@ -65,7 +66,7 @@ class Stage:
 
 
 def scalable(group) -> bool:
-    """Whether s can be folded: into a norm or a one-to-one producer, or as an inserted scale node."""
+    """Whether s can be folded: into a norm or a producer linear, or as an inserted scale node."""
     return group.kind == "other" or group.foldable
 
 
@@ -281,7 +282,7 @@ class AWQ(Pass):
             if scalable(g):
                 weights = [program.get_weight(c.weight) for c in mine]
                 found = search_awq_scales(x, weights, self.bits, self.group_size, self.grid, self.symmetric, self.max_rows,
-                                          duo=self.duo_scaling)
+                                          duo=self.duo_scaling, ties=g.ties)
                 if _is_scaling(found):
                     fold_scales(program, g, found.scales)
                     x = x / found.scales.to(x.device)

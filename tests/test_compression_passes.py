@@ -246,6 +246,16 @@ def test_awq_gptq_rounding_keeps_the_search_and_lowers_the_calibration_error():
     assert rel_error(gptq.program, program, ids) < rel_error(nearest.program, program, ids)
 
 
+def test_awq_scales_v_to_o_under_gqa_by_folding_into_v():
+    program, _, ids = reference(layers=2)  # 6 query heads on 2 KV heads
+    result = AWQ(4, 128, grid=10)(program.copy(), Calibration([ids], progress=False))
+    stats = result.stats
+    o_groups = [i for i, name in enumerate(stats["groups"]) if name.endswith("o_proj")]
+    assert len(o_groups) == 2  # searched in both layers, with one scale per v channel
+    assert stats["scale_nodes_inserted"] == 0  # folded into v_proj's rows
+    assert stats["error_vs_rtn"][o_groups[0]] < 0.98  # layer 0's attention output has uneven channels
+
+
 def test_staged_run_reproduces_the_program_stage_by_stage():
     config, _, program = family("gpt_neox")  # parallel residual, fused qkv, GELU MLP: an 'other' group
     ids = torch.randint(0, config.vocab_size, (5, 8), generator=torch.Generator().manual_seed(5))

@@ -85,7 +85,10 @@ def test_input_groups_per_family(family, data):
             expected = value_channel_map(family, config) if attention_output else mlp_channel_map(family, config)
             assert torch.equal(group.channel_map, expected), group.name
             gqa = (getattr(config, "num_key_value_heads", None) or config.num_attention_heads) < config.num_attention_heads
-            assert group.foldable == (not (attention_output and gqa)), group.name  # repeated KV channels cannot fold
+            assert group.foldable, group.name
+            assert (group.ties is not None) == (attention_output and gqa), group.name  # repeated KV channels are tied
+            if group.ties is not None:
+                assert torch.equal(group.ties, group.channel_map)
         else:
             assert group.producer is None and not group.foldable
     head = input_groups(program, include_lm_head=True)[-1]  # left out unless asked for
@@ -113,3 +116,44 @@ def test_fold_scales_keeps_the_function(family, data):
     assert_equivalent(program, reference, input_ids, rtol=1e-4, atol=1e-4)
     changed = sum(not torch.equal(w, reference.weights().get(name, w)) for name, w in program.weights().items())
     assert changed >= len(groups)  # the scales really landed in the weights
+
+
+GQA_FAMILIES = ("llama", "mistral", "qwen2", "gemma", "phi3")
+
+
+def _is_gqa(config) -> bool:
+    return config.num_key_value_heads < config.num_attention_heads
+
+
+@pytest.mark.parametrize("family", GQA_FAMILIES)
+@settings(max_examples=2, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(data=st.data())
+def test_scales_equal_over_ties_fold_into_v_under_gqa(family, data):
+    """Under GQA a scale per v channel (repeated over the query heads that read it) folds into v's rows,
+    with no scale node; a scale that differs within a tied set gets a scale node; both keep the function."""
+    config = data.draw(config_strategy(family).filter(_is_gqa))
+    program = llmopt.capture(build_model(config, seed=data.draw(st.integers(0, 2**16))))
+    reference = program.copy()
+    generator = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    tied = [g for g in input_groups(program) if g.ties is not None]
+    assert len(tied) == config.num_hidden_layers  # o_proj's input in every layer
+    nodes_before = len(program.graph.nodes)
+    for group in tied:
+        v_channels = torch.exp(2 * torch.randn(int(group.ties.max()) + 1, generator=generator))  # [producer width]
+        s = v_channels[group.ties]  # [K], equal over each tied set
+        producer_before = program.get_weight(group.producer.weight).clone()
+        fold_scales(program, group, s)
+        rows = torch.unique(group.ties)
+        changed = ~torch.isclose(program.get_weight(group.producer.weight)[rows], producer_before[rows]).all(dim=1)
+        assert changed.float().mean() > 0.9  # v's rows took the scales
+    assert len(program.graph.nodes) == nodes_before  # folded, no scale node
+    input_ids = data.draw(input_ids_strategy(config.vocab_size, max_batch=2, max_len=12))
+    assert_equivalent(program, reference, input_ids, rtol=1e-4, atol=1e-4)
+
+    untied = input_groups(program)
+    group = next(g for g in untied if g.ties is not None)
+    s = torch.ones(program.shape(group.value)[-1])
+    s[0] = 2.0  # one channel of a tied set differs from the others
+    fold_scales(program, group, s)
+    assert len(program.graph.nodes) == nodes_before + 2  # a scale node and its weight
+    assert_equivalent(program, reference, input_ids, rtol=1e-4, atol=1e-4)

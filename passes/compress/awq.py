@@ -27,7 +27,7 @@ When K <= n_tokens the error is computed through the Gram matrix H = x岬�x (鈥栁
 which costs N路K虏 instead of N路K路n per candidate. All candidates of a grid are evaluated in one
 batched pass, chunked over output rows so temporaries stay under `calib.CHUNK_ELEMENTS` floats.
 """
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 
@@ -57,9 +57,12 @@ def search_awq_scales(
     symmetric: bool = False,
     max_tokens: int = MAX_TOKENS,
     duo: bool = True,
+    ties: Optional[torch.Tensor] = None,  # [K] long: channels with equal entries get one scale
 ) -> AwqScales:
     """Grid search over alpha in {0, 1/grid, ..., 1} of s = mean|x|^alpha (and, with `duo`, of
-    mean|x|^alpha / mean|诺|^(1 - alpha)); see the module docstring."""
+    mean|x|^alpha / mean|诺|^(1 - alpha)); see the module docstring. With `ties` (the o_proj inputs
+    that read one v channel under GQA), the means are pooled over each set of tied channels, so every
+    candidate is equal over it and folds into the producer."""
     if not weights:
         raise ValueError("search_awq_scales: no weights given; pass the linears that read x")
     if grid < 1:
@@ -69,13 +72,15 @@ def search_awq_scales(
         if w.dim() != 2 or w.shape[1] != k:
             raise ValueError(f"search_awq_scales: every weight must be [N_i, K={k}], got {tuple(w.shape)}")
         check_quantizable(w, bits, group_size, None, "search_awq_scales")
-    x_mean = channel_abs_mean(x, k, device)  # [K], over all tokens
+    if ties is not None and (ties.shape != (k,) or ties.dtype != torch.long or int(ties.min()) < 0):
+        raise ValueError(f"search_awq_scales: ties must be a [K={k}] tensor of non-negative longs, got {tuple(ties.shape)} {ties.dtype}")
+    x_mean = _pooled(channel_abs_mean(x, k, device), ties)  # [K], over all tokens
     xs = calibration_rows(x, k, max_tokens, device, "search_awq_scales")  # [n, K]
     alphas = torch.arange(grid + 1, dtype=torch.float32) / grid  # [A]
     a = alphas.to(device).unsqueeze(1)  # [A, 1]
     scales = x_mean.unsqueeze(0).pow(a).clamp_min(1e-4)  # [A, K]
     if duo:
-        w_mean = _group_relative_abs_mean(weights, group_size)  # [K]
+        w_mean = _pooled(_group_relative_abs_mean(weights, group_size), ties)  # [K]
         duo_scales = (x_mean.unsqueeze(0).pow(a) / (w_mean.unsqueeze(0).pow(1 - a) + 1e-4)).clamp_min(1e-4)  # [A, K]
         scales = torch.cat([scales, duo_scales])  # [F路A, K], F = 2 families
     scales = scales / (scales.amax(dim=1, keepdim=True) * scales.amin(dim=1, keepdim=True)).sqrt()
@@ -180,6 +185,16 @@ def _clip_candidates(wc: torch.Tensor, ratios: torch.Tensor, separate: bool) -> 
 def _shrink(extent: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
     """The ratio that takes a range end of size `extent` [c, ng] to at most `bound` [R, c, ng] (1 for 0)."""
     return torch.where(extent > bound, bound / extent.clamp_min(1e-30), torch.ones_like(bound))
+
+
+def _pooled(v: torch.Tensor, ties) -> torch.Tensor:
+    """v [K] -> [K]: each entry replaced by the mean over its set of tied channels (v itself for None)."""
+    if ties is None:
+        return v
+    ties = ties.to(v.device)
+    sets = int(ties.max()) + 1
+    totals = torch.zeros(sets, dtype=v.dtype, device=v.device).index_add_(0, ties, v)  # [sets]
+    return (totals / torch.bincount(ties, minlength=sets).clamp_min(1).to(v.dtype))[ties]
 
 
 def _group_relative_abs_mean(weights: Sequence[torch.Tensor], group_size: int) -> torch.Tensor:

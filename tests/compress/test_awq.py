@@ -105,6 +105,45 @@ def test_scale_search_chunked_equals_unchunked(monkeypatch):
     assert chunked.alpha == whole.alpha
 
 
+def _gqa_ties(heads: int = 4, kv_heads: int = 2, head_dim: int = 32) -> torch.Tensor:
+    """[heads·head_dim]: the v channel each o_proj input channel reads (query head h reads KV head h // (heads / kv_heads))."""
+    h = torch.arange(heads).repeat_interleave(head_dim)
+    return (h // (heads // kv_heads)) * head_dim + torch.arange(head_dim).repeat(heads)
+
+
+@pytest.mark.parametrize("duo", [False, True])
+def test_tied_scale_candidates_are_equal_over_each_tied_set_and_pool_the_means(duo):
+    x, weights = _outlier_case()  # K = 128 = 4 heads of 32 channels on 2 KV heads
+    ties = _gqa_ties()
+    found = search_awq_scales(x, weights, 4, 32, duo=duo, ties=ties)
+    candidates = found.candidates.reshape(-1, 128)  # [F·A, K]
+    one_per_set = torch.zeros(candidates.shape[0], 64).scatter_(1, ties.expand_as(candidates), candidates)  # [F·A, 64]
+    assert torch.equal(candidates, one_per_set[:, ties])  # equal over every tied set, so it folds into v
+    # the plain family's alpha = 1 candidate is the mean |x| pooled over the tied channels (up to the normalization)
+    head = x.abs().mean(0).reshape(4, 32)  # [query head, channel]
+    pooled = torch.cat([(head[0] + head[1]) / 2, (head[2] + head[3]) / 2])  # [64]: heads 0, 1 read KV head 0
+    s = pooled[ties]
+    torch.testing.assert_close(candidates[20], s / (s.max() * s.min()).sqrt(), rtol=1e-5, atol=0)
+    assert float(found.errors.min()) <= float(found.errors[0, 0])  # plain alpha = 0 (RTN) is still on the grid
+
+
+def test_ties_of_singletons_change_nothing():
+    x, weights = _outlier_case()
+    free = search_awq_scales(x, weights, 4, 32)
+    singletons = search_awq_scales(x, weights, 4, 32, ties=torch.arange(128))
+    assert torch.equal(free.candidates, singletons.candidates) and torch.equal(free.errors, singletons.errors)
+
+
+def test_tied_search_never_worse_than_rtn_and_free_search_no_worse_than_tied():
+    x, weights = _outlier_case(seed=3)
+    x = x[:, torch.randperm(128, generator=torch.Generator().manual_seed(1))]  # outliers land in different tied sets
+    free = search_awq_scales(x, weights, 3, 32)
+    tied = search_awq_scales(x, weights, 3, 32, ties=_gqa_ties())
+    assert float(tied.errors.min()) < float(tied.errors[0, 0])
+    torch.testing.assert_close(tied.errors[0, 0], free.errors[0, 0])  # both start from RTN
+    assert float(free.errors.min()) <= float(tied.errors.min()) * 1.05  # fewer degrees of freedom
+
+
 def _group_errors(x, w, w_hat, group_size):
     """[N, ng]: Σ_t (x_t,g · (ŵ_n,g - w_n,g))², each group's share of the output error (fp64)."""
     n, k = w.shape
@@ -175,6 +214,8 @@ def test_bad_inputs_raise():
         search_awq_scales(x, weights, 4, 48)
     with pytest.raises(ValueError, match="grid=0"):
         search_awq_scales(x, weights, 4, 32, grid=0)
+    with pytest.raises(ValueError, match="ties must be"):
+        search_awq_scales(x, weights, 4, 32, ties=torch.arange(64))
     with pytest.raises(ValueError, match="max_shrink"):
         search_awq_clip(x, weights[0], 4, 32, max_shrink=1.0)
     with pytest.raises(ValueError, match="2-D"):
