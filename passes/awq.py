@@ -1,15 +1,16 @@
 """`AWQ(bits=4, group_size=128, grid=20, symmetric=False, max_rows=4096, include_lm_head=False, duo_scaling=True,
-separate_clip=True, clip_sweeps=3, rounding="nearest")`:
+separate_clip=True, clip_sweeps=3, rounding="nearest", gqa_vo=False)`:
 activation-aware weight quantization (Lin et al. 2023) into `torch.ops.llmopt.linear_wq`. Lossy.
 
 For each input group (`llmopt.producers.input_groups`: q/k/v after the attention norm, gate/up after
-the MLP norm, v→o (under GQA too), up→down, fc1→fc2 through ReLU; an 'other'
-producer such as GELU gets an inserted scale node):
+the MLP norm, v→o, up→down, fc1→fc2 through ReLU; an 'other' producer such as GELU gets an inserted
+scale node; v→o under GQA only with `gqa_vo=True`, see the class docstring):
 1. search s = mean|x|^α, α ∈ {0, 1/grid, ..., 1} (and with `duo_scaling` also AutoAWQ's
    mean|x|^α / mean|ŵ|^(1−α)), by the group's quantized output error (`compress.search_awq_scales`;
    plain α = 0 is RTN) and fold it exactly (`producers.fold_scales`); where one producer channel
    feeds several inputs (v→o under GQA: each v channel is read by every query head of its KV head),
-   the candidates take one scale per producer channel, from the means pooled over its inputs;
+   the candidates take one scale per producer channel, from the means pooled over its inputs
+   (`InputGroup.ties`);
 2. per linear, search the clip of every weight group on x / s (`compress.search_awq_clip`): with
    `separate_clip` (the default) the group's max and min shrink by separate ratios (OmniQuant's
    learnable clipping, as a grid), else one ratio shrinks max|w| (AutoAWQ's clip); each group's
@@ -65,18 +66,19 @@ class Stage:
     start: Node  # the first node whose value the stage's folds or quantization change
 
 
-def scalable(group) -> bool:
-    """Whether s can be folded: into a norm or a producer linear, or as an inserted scale node."""
-    return group.kind == "other" or group.foldable
+def scalable(group, gqa_vo: bool = True) -> bool:
+    """Whether s is searched and folded: into a norm or a producer linear (one with tied channels, v→o
+    under GQA, only with `gqa_vo`), or as an inserted scale node."""
+    return group.kind == "other" or (group.foldable and (gqa_vo or group.ties is None))
 
 
-def plan_stages(program, groups, targets) -> list:
+def plan_stages(program, groups, targets, gqa_vo: bool = True) -> list:
     """Groups -> [Stage] with non-decreasing starts; a group whose fold rescales a linear that an
-    earlier stage quantizes joins that stage (with every stage in between)."""
+    earlier stage quantizes joins that stage (with every stage in between); `gqa_vo` as in `scalable`."""
     order = {n: i for i, n in enumerate(program.graph.nodes)}
     stages, owner = [], {}  # owner: linear node -> index of the stage that quantizes it
     for g in sorted(groups, key=lambda g: order[g.value]):
-        producer = g.producer.node if g.kind == "linear" and g.foldable else None
+        producer = g.producer.node if g.kind == "linear" and scalable(g, gqa_vo) else None
         if producer in owner:
             j = owner[producer]
             stages[j:] = [[h for stage in stages[j:] for h in stage]]
@@ -85,7 +87,7 @@ def plan_stages(program, groups, targets) -> list:
             stages.append([])
         stages[-1].append(g)
         owner.update({c.node: len(stages) - 1 for c in g.consumers if c.node in targets})
-    starts = [min((n for g in stage for n in _touched(g)), key=order.__getitem__) for stage in stages]
+    starts = [min((n for g in stage for n in _touched(g, gqa_vo)), key=order.__getitem__) for stage in stages]
     i = 1
     while i < len(stages):  # a stage starting before its predecessor would change values already kept
         if order[starts[i]] < order[starts[i - 1]]:
@@ -97,12 +99,12 @@ def plan_stages(program, groups, targets) -> list:
     return [Stage(stage, start) for stage, start in zip(stages, starts)]
 
 
-def _touched(group) -> list:
-    """Nodes whose values change when the group is scaled and quantized."""
+def _touched(group, gqa_vo: bool) -> list:
+    """Nodes whose values change when the group is scaled (if `scalable`) and quantized."""
     weights = [c.weight for c in group.consumers]
     if group.kind == "norm":
         weights += [group.norm.weight, group.norm.bias]
-    elif group.foldable:
+    elif group.kind == "linear" and scalable(group, gqa_vo):
         weights += [group.producer.weight, group.producer.bias]
     nodes = [user for w in weights if w is not None for user in w.users]
     return nodes + ([group.value] if group.kind == "other" else [])  # the scale node goes right after it
@@ -209,6 +211,11 @@ class AWQ(Pass):
     holds it). On the first 300 WikiText-2 test windows (benchmarks/RESULTS.md, session 8) it closed
     6-7 points more of RTN's gap on average over three calibration draws, with a spread of -12 to +18;
     on the whole test set 39% / 53% (reference w4 / w3) and 68% / 65% (outliers) against 34 / 45 / 69 / 61%.
+
+    `gqa_vo=True` searches v→o under GQA too, with one scale per v channel (its o_proj inputs tied), folded
+    into v's rows; off by default, as AutoAWQ leaves it out. On the reference model (6 query heads on 2 KV
+    heads) it lowered o_proj's output error by 0-8% but closed 23 / 43 / 68 / 60% of RTN's gap on the
+    whole WikiText-2 test set against 34 / 45 / 69 / 61% without it (benchmarks/RESULTS.md, session 9).
     """
 
     exact = False
@@ -217,7 +224,7 @@ class AWQ(Pass):
 
     def __init__(self, bits: int = 4, group_size: int = 128, grid: int = 20, symmetric: bool = False,
                  max_rows: int = MAX_TOKENS, include_lm_head: bool = False, duo_scaling: bool = True,
-                 separate_clip: bool = True, clip_sweeps: int = 3, rounding: str = "nearest"):
+                 separate_clip: bool = True, clip_sweeps: int = 3, rounding: str = "nearest", gqa_vo: bool = False):
         check_bits(bits, "AWQ")
         if grid < 1 or max_rows < 1:
             raise PassError(f"AWQ: grid={grid} and max_rows={max_rows} must be >= 1 (defaults 20 and {MAX_TOKENS})")
@@ -228,7 +235,7 @@ class AWQ(Pass):
         self.bits, self.group_size, self.grid, self.symmetric = bits, group_size, grid, symmetric
         self.rounding = rounding
         self.max_rows, self.include_lm_head, self.duo_scaling = max_rows, include_lm_head, duo_scaling
-        self.separate_clip, self.clip_sweeps = separate_clip, clip_sweeps
+        self.separate_clip, self.clip_sweeps, self.gqa_vo = separate_clip, clip_sweeps, gqa_vo
 
     def check(self, program, calibration):
         super().check(program, checked_calibration(calibration, self.name))
@@ -244,7 +251,7 @@ class AWQ(Pass):
         scaled, quantized = [], []  # scaled: [(InputGroup, AwqScales)]; quantized: [(Linear, QuantizedWeight)]
         try:
             run = StagedRun(program, calibration)
-            for stage in plan_stages(program, groups, targets):
+            for stage in plan_stages(program, groups, targets, self.gqa_vo):
                 run.advance(stage.start)
                 rows = run.sample({g.value: g.name for g in stage.groups}, self.max_rows)
                 scaled += self._quantize_stage(program, stage, rows, targets, quantized)
@@ -279,7 +286,7 @@ class AWQ(Pass):
         for g in stage.groups:
             x = rows[g.value]  # [n, K]
             mine = [c for c in g.consumers if c.node in targets]
-            if scalable(g):
+            if scalable(g, self.gqa_vo):
                 weights = [program.get_weight(c.weight) for c in mine]
                 found = search_awq_scales(x, weights, self.bits, self.group_size, self.grid, self.symmetric, self.max_rows,
                                           duo=self.duo_scaling, ties=g.ties)

@@ -246,10 +246,12 @@ def test_awq_gptq_rounding_keeps_the_search_and_lowers_the_calibration_error():
     assert rel_error(gptq.program, program, ids) < rel_error(nearest.program, program, ids)
 
 
-def test_awq_scales_v_to_o_under_gqa_by_folding_into_v():
+def test_awq_gqa_vo_scales_v_to_o_by_folding_into_v():
     program, _, ids = reference(layers=2)  # 6 query heads on 2 KV heads
-    result = AWQ(4, 128, grid=10)(program.copy(), Calibration([ids], progress=False))
-    stats = result.stats
+    calib = Calibration([ids], progress=False)
+    default = AWQ(4, 128, grid=10)(program.copy(), calib).stats
+    assert not any(name.endswith("o_proj") for name in default["groups"])  # AutoAWQ's choice: v→o left out under GQA
+    stats = AWQ(4, 128, grid=10, gqa_vo=True)(program.copy(), calib).stats
     o_groups = [i for i, name in enumerate(stats["groups"]) if name.endswith("o_proj")]
     assert len(o_groups) == 2  # searched in both layers, with one scale per v channel
     assert stats["scale_nodes_inserted"] == 0  # folded into v_proj's rows
