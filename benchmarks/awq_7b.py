@@ -1,6 +1,7 @@
 """AWQ compression time on the GPU for a Llama-2-7B-shaped model (random weights, built on the GPU).
 
-Entry point: `python benchmarks/awq_7b.py [--layers 32] [--samples 128] [--seq-len 512] [--clip-sweeps N] [--rounding nearest|gptq]`.
+Entry point: `python benchmarks/awq_7b.py [--layers 32] [--samples 128] [--seq-len 512] [--clip-sweeps N] [--rounding nearest|gptq]
+[--kv-heads 8 [--gqa-vo]]`.
 Prints the wall time of `llmopt.compile(model, passes=[AWQ(bits=4, group_size=128)], calibration)`
 and the peak GPU memory.
 """
@@ -25,17 +26,20 @@ def main():
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--clip-sweeps", type=int, default=AWQ().clip_sweeps, help="AWQ's clip_sweeps (default: the pass's)")
     parser.add_argument("--rounding", choices=("nearest", "gptq"), default=AWQ().rounding, help="AWQ's rounding (default: the pass's)")
+    parser.add_argument("--kv-heads", type=int, default=32, help="KV heads (32: Llama-2-7B; 8: the same shape under GQA)")
+    parser.add_argument("--gqa-vo", action="store_true", help="AWQ(gqa_vo=True): search v→o under GQA too")
     args = parser.parse_args()
-    model = build_llama_7b_shape(args.layers)
+    model = build_llama_7b_shape(args.layers, args.kv_heads)
     calibration = torch.randint(0, 32000, (args.samples, args.seq_len), device="cuda")
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    cm = llmopt.compile(model, passes=[AWQ(bits=4, group_size=128, clip_sweeps=args.clip_sweeps, rounding=args.rounding)], calibration=calibration, backend="torch")
+    cm = llmopt.compile(model, passes=[AWQ(bits=4, group_size=128, clip_sweeps=args.clip_sweeps, rounding=args.rounding, gqa_vo=args.gqa_vo)], calibration=calibration, backend="torch")
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**30
-    print(f"AWQ w4g128 (clip_sweeps={args.clip_sweeps}, rounding={args.rounding}), Llama-2-7B shape ({args.layers} of 32 layers), {args.samples}x{args.seq_len} calibration tokens, "
+    print(f"AWQ w4g128 (clip_sweeps={args.clip_sweeps}, rounding={args.rounding}, gqa_vo={args.gqa_vo}), Llama-2-7B shape ({args.layers} of 32 layers, "
+          f"{args.kv_heads} KV heads), {args.samples}x{args.seq_len} calibration tokens, "
           f"{torch.cuda.get_device_name()}: {seconds:.1f} s, peak GPU memory {peak:.1f} GiB; "
           f"weights {cm.program.parameter_bytes() / 2**30:.2f} GiB after")
 

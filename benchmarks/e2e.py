@@ -22,10 +22,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import header, measure_ceilings, print_table, time_ms  # noqa: E402
 
 
-def build_llama_7b_shape(layers: int):
+def build_llama_7b_shape(layers: int, kv_heads: int = 32):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=kv_heads,
                          num_hidden_layers=layers, vocab_size=32000, max_position_embeddings=4096, attn_implementation="sdpa")
     torch.manual_seed(0)
     with torch.device("cuda"):
