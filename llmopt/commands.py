@@ -55,8 +55,8 @@ def compile(args):
     import llmopt
     from llmopt.recipe import parse_passes
 
+    passes = parse_passes(args.passes)  # before the model loads: a typo is reported at once
     model, tokenizer = load_model(args.model_dir)
-    passes = parse_passes(args.passes)
     calibration = _calibration(args, tokenizer)
     cm = llmopt.compile(model, passes=passes, calibration=calibration, backend="torch")
     print(cm.report())
@@ -79,8 +79,9 @@ def generate(args):
         cm = llmopt.load(args.model_dir)
         tokenizer = _tokenizer(args.model_dir)
     else:
+        passes = parse_passes(args.passes)
         model, tokenizer = load_model(args.model_dir)
-        cm = llmopt.compile(model, passes=parse_passes(args.passes), backend="torch")
+        cm = llmopt.compile(model, passes=passes, backend="torch")
     if tokenizer is None:
         raise LlmoptError(f"{args.model_dir} has no tokenizer: save one beside the model (tokenizer.save_pretrained)")
     ids = torch.tensor([tokenizer(args.prompt)["input_ids"]])
@@ -100,10 +101,11 @@ def eval(args):
                               "directory; compile again from the original model instead")
         cm, tokenizer = llmopt.load(args.model_dir, device=args.device), _tokenizer(args.model_dir)
     else:
+        passes = parse_passes(args.passes)
         model, tokenizer = load_model(args.model_dir)
         if args.device:
             model = model.to(args.device)
-        cm = llmopt.compile(model, passes=parse_passes(args.passes), calibration=_calibration(args, tokenizer), backend="torch")
+        cm = llmopt.compile(model, passes=passes, calibration=_calibration(args, tokenizer), backend="torch")
     tokens = tokenize_file(args.data, tokenizer)
     result = perplexity(cm, tokens, window=args.window, max_windows=args.max_windows, device=cm.program.device)
     print(f"perplexity {result.ppl:.3f} over {result.n_windows} windows of {args.window} tokens ({result.n_tokens} scored)")

@@ -41,8 +41,12 @@ def test_errors_are_one_line(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "missing")]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("llmopt inspect: error:") and "is not a directory" in err and "\n" not in err
-    assert main(["compile", str(tmp_path), "--passes", "nosuchpass", "--out", str(tmp_path / "o")]) == 1
+    assert main(["compile", str(tmp_path), "--passes", "rtn:bits=4", "--out", str(tmp_path / "o")]) == 1
     assert "config.json" in capsys.readouterr().err
+    # the passes are checked before the model loads (a 7B model takes minutes): a typo is reported first
+    assert main(["compile", str(tmp_path), "--passes", "awq:gqa_vo=yes", "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "gqa_vo='yes' must be true or false" in err and "\n" not in err
 
 
 def test_eval_of_a_compiled_directory_refuses_passes(shared, tmp_path, capsys):
