@@ -2,9 +2,10 @@
 
 Entry point: `run(ceilings) -> list[dict]` (one row per case; `ceilings` from
 `benchmarks.common.measure_ceilings()`); `python -m benchmarks.bench_attention` measures the ceilings and
-prints three tables:
+prints four tables:
 - prefill: causal attention, head dim 128, bf16, 32 heads, ~16k tokens per batch, against
   `scaled_dot_product_attention` on its fastest backend (flash or cuDNN); causal FLOPs = 2*2*B*H*T*T*D/2;
+- prefill at other head dims (64, 96 in padded tiles, 256 with 16 heads), T=4096, the same way;
 - decode: paged attention, GQA 32/8 heads, D=128, bf16, block size 16, every sequence at the full
   context; bytes = the K and V rows read (B*ctx*Hkv*D*2 tensors*2 bytes), against the measured copy
   bandwidth; for context, SDPA decoding over a contiguous (unpaged) cache;
@@ -52,24 +53,30 @@ def _best_sdpa(q, k, v, **kwargs):
     return best
 
 
+def _prefill_row(ceilings, batch: int, heads: int, seq: int, head_dim: int, case: str) -> dict:
+    q, k, v = (torch.randn(batch, heads, seq, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    scale = head_dim**-0.5
+    flops = 4 * batch * heads * seq * seq * head_dim / 2
+    ours = time_ms(lambda: flash_attention(q, k, v, scale, True))
+    sdpa_ms, backend = _best_sdpa(q, k, v, is_causal=True, scale=scale)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    return {
+        "case": case, "ms": ours, "TFLOP/s": flops / ours / 1e9,
+        "sdpa ms": sdpa_ms, "sdpa TFLOP/s": flops / sdpa_ms / 1e9, "sdpa backend": backend,
+        "speedup": sdpa_ms / ours, "% of matmul": 100 * flops / ours / 1e9 / ceilings["bf16_tflops"],
+        "rel err": rel_err(flash_attention(q, k, v, scale, True), ref),
+    }
+
+
 def bench_prefill(ceilings) -> list:
-    rows = []
-    for seq in (1024, 2048, 4096, 8192, 16384):
-        batch = max(1, 16384 // seq)
-        q, k, v = (torch.randn(batch, HEADS, seq, HEAD_DIM, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        scale = HEAD_DIM**-0.5
-        flops = 4 * batch * HEADS * seq * seq * HEAD_DIM / 2
-        ours = time_ms(lambda: flash_attention(q, k, v, scale, True))
-        sdpa_ms, backend = _best_sdpa(q, k, v, is_causal=True, scale=scale)
-        ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-        rows.append({
-            "case": f"B={batch} T={seq}", "ms": ours, "TFLOP/s": flops / ours / 1e9,
-            "sdpa ms": sdpa_ms, "sdpa TFLOP/s": flops / sdpa_ms / 1e9, "sdpa backend": backend,
-            "speedup": sdpa_ms / ours, "% of matmul": 100 * flops / ours / 1e9 / ceilings["bf16_tflops"],
-            "rel err": rel_err(flash_attention(q, k, v, scale, True), ref),
-        })
-        del q, k, v, ref
-    return rows
+    return [_prefill_row(ceilings, max(1, 16384 // seq), HEADS, seq, HEAD_DIM, f"B={max(1, 16384 // seq)} T={seq}")
+            for seq in (1024, 2048, 4096, 8192, 16384)]
+
+
+def bench_prefill_head_dims(ceilings) -> list:
+    """Other families' head dims at T=4096: 64 (GPT-2, Pythia), 96 (Phi-3: padded tiles), 256 (Gemma, 16 heads)."""
+    return [_prefill_row(ceilings, 4, heads, 4096, head_dim, f"B=4 T=4096 D={head_dim} H={heads}")
+            for head_dim, heads in ((64, 32), (96, 32), (256, 16))]
 
 
 def bench_decode(ceilings) -> list:
@@ -136,7 +143,8 @@ def bench_norm(ceilings) -> list:
 def run(ceilings) -> list:
     """Every case, each row tagged with its table ("prefill", "decode", "norm")."""
     rows = []
-    for table, bench in (("prefill", bench_prefill), ("decode", bench_decode), ("norm", bench_norm)):
+    for table, bench in (("prefill", bench_prefill), ("prefill_dims", bench_prefill_head_dims), ("decode", bench_decode),
+                         ("norm", bench_norm)):
         rows += [{"table": table, **row} for row in bench(ceilings)]
         torch.cuda.empty_cache()
     return rows
@@ -147,6 +155,7 @@ if __name__ == "__main__":
     print(header(ceilings), flush=True)
     rows = run(ceilings)
     for table, title in (("prefill", "prefill attention, causal, D=128, bf16, 32 heads (ours vs best SDPA)"),
+                         ("prefill_dims", "prefill attention, causal, other head dims, bf16 (ours vs best SDPA)"),
                          ("decode", "paged decode attention, 32 q / 8 kv heads, D=128, bf16, block 16"),
                          ("norm", "residual add + RMSNorm (+ int8 per-token quant), bf16")):
         part = [r for r in rows if r["table"] == table]

@@ -40,8 +40,10 @@ def _attention_masked(q, k, v, mask, scale, causal):
 
 
 def _flash_supports(q, k, v) -> bool:
+    from llmopt.codegen.kernels.flash_attention import supports_head_dim
+
     head_dim = q.shape[-1]
-    return head_dim in (16, 32, 64, 128, 256) and k.shape[-1] == v.shape[-1] == head_dim and q.dtype == k.dtype == v.dtype
+    return supports_head_dim(head_dim) and k.shape[-1] == v.shape[-1] == head_dim and q.dtype == k.dtype == v.dtype
 
 
 def _templates(causal_positions: bool) -> dict:

@@ -1,7 +1,8 @@
 """backend="triton" gives the logits of backend="torch" for every family.
 
 On CPU the kernels run under the Triton interpreter at tiny sizes in fp32 (the interpreter computes
-bf16 wrongly); the `gpu` test runs bf16 models of a realistic width on the H200.
+bf16 wrongly); the `gpu` tests run bf16 models on the H200, of a realistic width and of each family's
+published width (Llama-3-8B, Mistral-7B, Qwen2-7B, Gemma-7B, Phi-3-mini, GPT-2 XL, OPT-6.7B, Pythia-6.9B).
 """
 import pytest
 import torch
@@ -93,3 +94,48 @@ def test_triton_backend_bf16_on_gpu(family):
     # bf16 activations (8 bits of mantissa) through two layers: relative error ~1e-2
     rel = (got - want).norm() / want.norm()
     assert torch.isfinite(got).all() and rel < 2e-2, f"{family}: relative error {rel:.3g}"
+
+
+def published_config(family: str):
+    """The published width of one checkpoint of the family (hidden, MLP, heads, KV heads, head dim, vocab),
+    2 layers deep: every kernel sees the shapes of the full model, whose other layers repeat them."""
+    import transformers as tf
+
+    two = dict(num_hidden_layers=2)
+    return {
+        "llama": lambda: tf.LlamaConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,  # Llama-3-8B
+                                        num_key_value_heads=8, vocab_size=128256, **two),
+        "mistral": lambda: tf.MistralConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,  # Mistral-7B-v0.3
+                                            num_key_value_heads=8, vocab_size=32768, sliding_window=None, **two),
+        "qwen2": lambda: tf.Qwen2Config(hidden_size=3584, intermediate_size=18944, num_attention_heads=28,  # Qwen2-7B
+                                        num_key_value_heads=4, vocab_size=152064, **two),
+        "gemma": lambda: tf.GemmaConfig(hidden_size=3072, intermediate_size=24576, num_attention_heads=16,  # Gemma-7B: head dim 256
+                                        num_key_value_heads=16, head_dim=256, vocab_size=256000, **two),
+        "phi3": lambda: tf.Phi3Config(hidden_size=3072, intermediate_size=8192, num_attention_heads=32,  # Phi-3-mini: head dim 96
+                                      num_key_value_heads=32, vocab_size=32064, pad_token_id=0, **two),
+        "gpt2": lambda: tf.GPT2Config(n_embd=1600, n_head=25, n_layer=2, vocab_size=50257),  # GPT-2 XL: hidden 1600
+        "opt": lambda: tf.OPTConfig(hidden_size=4096, ffn_dim=16384, num_attention_heads=32, vocab_size=50272,  # OPT-6.7B
+                                    word_embed_proj_dim=4096, **two),
+        "gpt_neox": lambda: tf.GPTNeoXConfig(hidden_size=4096, intermediate_size=16384, num_attention_heads=32,  # Pythia-6.9B
+                                             vocab_size=50432, rotary_pct=0.25, **two),
+    }[family]()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the H200 machine)")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_triton_backend_bf16_at_published_width_on_gpu(family, monkeypatch):
+    from llmopt.codegen import kernels
+
+    flash_calls = []
+    flash = kernels.flash_attention
+    monkeypatch.setattr(kernels, "flash_attention", lambda *a, **kw: flash_calls.append(1) or flash(*a, **kw))
+    config = published_config(family)
+    model = build_model(config, dtype=torch.bfloat16).cuda()
+    ids = torch.randint(0, config.vocab_size, (2, 512), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    reference = llmopt.compile(model, passes=[FuseAttention()], backend="torch")
+    lowered = llmopt.compile(model, passes=[FuseAttention()], backend="triton")
+    got, want = lowered(ids).float(), reference(ids).float()  # [2, 512, vocab]
+    rel = (got - want).norm() / want.norm()
+    assert torch.isfinite(got).all() and rel < 2e-2, f"{family}: relative error {rel:.3g}"
+    assert len(flash_calls) >= config.num_hidden_layers  # the Triton kernel ran (head dims 96 and 256 too), not a fallback

@@ -7,6 +7,8 @@ Entry points:
   max_seqlen_q, scale, causal)`: a ragged batch, sequence b owning rows cu_seqlens[b]:cu_seqlens[b+1].
 
 Both launch one kernel. GQA: query head h reads KV head h // (Hq // Hkv); K/V are never repeated.
+Head dims: any multiple of 8 up to 256 (`supports_head_dim`); one that is not a power of two (Phi-3's
+96, Phi-2's 80) runs in tiles padded to the next one, the padding loaded as zeros and never stored.
 Causal is aligned to the end (query i of T sees keys j <= i + S - T); query rows that see no key give
 zeros, as the reference does. KV blocks above the diagonal are skipped; blocks fully below it run
 without masks. fp16/bf16 operands accumulate in fp32; fp32 operands use IEEE dots.
@@ -20,18 +22,27 @@ import triton.language as tl
 _MASKED = tl.constexpr(-1.0e6)  # finite, so a row with every key of a block masked stays NaN-free
 
 
+# (BLOCK_M, BLOCK_N, warps, stages); none spills at head dim 128 on sm_90 (ptxas, via cuobjdump -res-usage)
+_SHAPES = [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3)]
+# head dims above 128 (Gemma's 256): K/V tiles of 64 x 256 take 32 KB each a stage, the accumulator 64 x 256 fp32
+_WIDE_SHAPES = [(64, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2)]
+
+
 def _configs():
     if triton.knobs.runtime.interpret:  # one small config: the interpreter runs each program in Python
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    # (BLOCK_M, BLOCK_N, warps, stages); none spills at head dim 128 on sm_90 (ptxas, via cuobjdump -res-usage)
-    shapes = [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in _SHAPES + _WIDE_SHAPES]
 
 
 def _prune(configs, named_args, **kwargs):
-    """Short queries waste most of a 128-row tile: keep the 64-row tiles for them."""
+    """Head dims above 128 get the configs made for them, the others the rest; short queries waste most
+    of a 128-row tile: keep the 64-row tiles for them."""
+    args = {**named_args, **kwargs}
+    wide = args["HEAD_DIM_PAD"] > 128
+    shape = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)  # noqa: E731
+    configs = [c for c in configs if (shape(c) in _WIDE_SHAPES) == wide] or configs
     small = [c for c in configs if c.kwargs["BLOCK_M"] <= 64]
-    return small if named_args["seq_bucket"] <= 64 and small else configs
+    return small if args["seq_bucket"] <= 64 and small else configs
 
 
 @triton.jit
@@ -40,16 +51,24 @@ def _attend_blocks(
     k_base, v_base, stride_kt, stride_vt,
     offs_m, offs_d, lo, hi, seq_k, causal_shift, qk_scale,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr,
 ):
-    """Online softmax over keys [lo, hi) in log2 units; MASKED blocks check key bounds and the causal diagonal."""
+    """Online softmax over keys [lo, hi) in log2 units; MASKED blocks check key bounds and the causal
+    diagonal; without EVEN_D the padded head-dim columns load as zeros."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k_ptrs = k_base + offs_n[:, None] * stride_kt + offs_d[None, :]
         v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_d[None, :]
         if MASKED:
-            k = tl.load(k_ptrs, mask=(offs_n < seq_k)[:, None], other=0.0)  # [BLOCK_N, D]
-        else:
+            if EVEN_D:
+                kv_mask = (offs_n < seq_k)[:, None]
+            else:
+                kv_mask = (offs_n < seq_k)[:, None] & (offs_d < HEAD_DIM)[None, :]
+            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)  # [BLOCK_N, D_PAD]
+        elif EVEN_D:
             k = tl.load(k_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N], unscaled
         if MASKED:
             keep = (offs_n < seq_k)[None, :]
@@ -62,9 +81,11 @@ def _attend_blocks(
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         if MASKED:
-            v = tl.load(v_ptrs, mask=(offs_n < seq_k)[:, None], other=0.0)  # [BLOCK_N, D]
-        else:
+            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)  # [BLOCK_N, D_PAD]
+        elif EVEN_D:
             v = tl.load(v_ptrs)
+        else:
+            v = tl.load(v_ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -83,9 +104,10 @@ def _flash_attention_kernel(
     # sizes: padded batches use seq_q/seq_k for every sequence; varlen reads cu_seqlens
     seq_q, seq_k, num_q_heads, group, qk_scale,
     seq_bucket,  # next power of two of the longest query: the autotune key, so tuning is per bucket
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    EVEN_D: tl.constexpr = HEAD_DIM == HEAD_DIM_PAD
     # longest tiles first: in the causal case the last query block of a head does the most work
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -111,9 +133,13 @@ def _flash_attention_kernel(
         return
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
     row_ok = offs_m < seq_q
-    q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
+    if EVEN_D:
+        io_mask = row_ok[:, None]
+    else:
+        io_mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=io_mask, other=0.0)  # [BLOCK_M, D_PAD]
 
     causal_shift = seq_k - seq_q  # query i sees keys j <= i + causal_shift
     full_end = (seq_k // BLOCK_N) * BLOCK_N  # keys below this need no bounds check
@@ -125,25 +151,31 @@ def _flash_attention_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
     acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
                                    offs_m, offs_d, 0, full_end, seq_k, causal_shift, qk_scale,
-                                   False, CAUSAL, BLOCK_N, PRECISION)
+                                   False, CAUSAL, BLOCK_N, PRECISION, HEAD_DIM, EVEN_D)
     acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
                                    offs_m, offs_d, full_end, hi, seq_k, causal_shift, qk_scale,
-                                   True, CAUSAL, BLOCK_N, PRECISION)
+                                   True, CAUSAL, BLOCK_N, PRECISION, HEAD_DIM, EVEN_D)
 
     sees_keys = l_i > 0  # false only where no key exists (seq_k == 0) ...
     if CAUSAL:
         sees_keys = sees_keys & (offs_m + causal_shift >= 0)  # ... or the row precedes every key (T > S)
     out = tl.where(sees_keys[:, None], acc / tl.where(sees_keys, l_i, 1.0)[:, None], 0.0)
-    tl.store(o_base + offs_m[:, None] * stride_ot + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(o_base + offs_m[:, None] * stride_ot + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=io_mask)
+
+
+def supports_head_dim(head_dim: int) -> bool:
+    """Whether the kernel takes this head dim: a multiple of 8 (16-byte rows in 16-bit types) up to 256."""
+    return 8 <= head_dim <= 256 and head_dim % 8 == 0
 
 
 def _check(q, k, v):
     head_dim = q.shape[-1]
-    if head_dim not in (16, 32, 64, 128, 256) or k.shape[-1] != head_dim or v.shape[-1] != head_dim:
-        raise ValueError(f"flash_attention: head dim must be one power of two in 16..256, got q {q.shape}, k {k.shape}, v {v.shape}")
+    if not supports_head_dim(head_dim) or k.shape[-1] != head_dim or v.shape[-1] != head_dim:
+        raise ValueError(f"flash_attention: q, k and v need one head dim, a multiple of 8 up to 256; got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"flash_attention: q, k, v must share one of fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
 
@@ -156,7 +188,7 @@ def _launch(q, k, v, out, cu_q, cu_k, strides, seq_q, seq_k, batch, num_q_heads,
         q, k, v, out, cu_q, cu_k, *strides,
         seq_q, seq_k, num_q_heads, num_q_heads // num_kv_heads, scale * math.log2(math.e),
         triton.next_power_of_2(max(max_seqlen_q, 1)),
-        HEAD_DIM=q.shape[-1], CAUSAL=causal, VARLEN=varlen,
+        HEAD_DIM=q.shape[-1], HEAD_DIM_PAD=max(16, triton.next_power_of_2(q.shape[-1])), CAUSAL=causal, VARLEN=varlen,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
     return out

@@ -84,6 +84,9 @@ def check_paged(lens, q_heads, kv_heads, head_dim, block_size, dtype, split_len=
         (1, 2, 2, 7, 33, 64, True),  # T < S: aligned to the end
         (1, 2, 2, 33, 7, 64, True),  # T > S: the first 26 queries see no key and give zeros
         (1, 4, 2, 100, 100, 64, False),
+        (1, 4, 2, 40, 40, 96, True),  # head dim 96 (Phi-3): tiles padded to 128, the padding never stored
+        (2, 2, 1, 9, 20, 80, True),  # head dim 80 (Phi-2), T < S
+        (1, 2, 2, 17, 17, 24, False),  # head dim 24: padded to 32
     ],
 )
 def test_flash_attention_padded(poison, batch, q_heads, kv_heads, seq_q, seq_k, head_dim, causal, dtype):
@@ -91,8 +94,16 @@ def test_flash_attention_padded(poison, batch, q_heads, kv_heads, seq_q, seq_k, 
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_flash_attention_varlen_ragged(poison, causal):
-    check_varlen([1, 7, 33, 20], [1, 7, 40, 100], 4, 2, 64, causal, torch.float16)
+@pytest.mark.parametrize("head_dim", [64, 96])
+def test_flash_attention_varlen_ragged(poison, causal, head_dim):
+    check_varlen([1, 7, 33, 20], [1, 7, 40, 100], 4, 2, head_dim, causal, torch.float16)
+
+
+@pytest.mark.parametrize("head_dim", [4, 12, 264])
+def test_flash_attention_refuses_other_head_dims(head_dim):
+    q = torch.randn(1, 2, 3, head_dim, device=DEVICE, dtype=torch.float16)
+    with pytest.raises(ValueError, match="a multiple of 8 up to 256"):
+        flash_attention(q, q, q, 1.0, True)
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -113,6 +124,8 @@ def test_flash_attention_varlen_random(poison, lens, group, causal):
         ([33, 100], 4, 2, 64, 32),  # GQA 2, splits of 32 tokens, some past the end of the short sequence
         ([7, 64, 1], 8, 2, 128, 16),  # GQA 4, head dim 128
         ([0, 20], 4, 1, 64, 16),  # an empty sequence gives zeros
+        ([5, 40], 4, 2, 96, 16),  # head dim 96: padded tiles, split and merged
+        ([30], 2, 1, 80, None),  # head dim 80, one split
     ],
 )
 def test_paged_attention(poison, lens, q_heads, kv_heads, head_dim, split_len, dtype):
@@ -134,7 +147,8 @@ def test_paged_attention_random(poison, lens, group, block_size, split_len):
 @needs_cuda
 @pytest.mark.parametrize(
     "dtype, head_dim, causal",
-    [(torch.bfloat16, 128, True), (torch.bfloat16, 128, False), (torch.bfloat16, 64, True), (torch.float16, 128, True)],
+    [(torch.bfloat16, 128, True), (torch.bfloat16, 128, False), (torch.bfloat16, 64, True), (torch.float16, 128, True),
+     (torch.bfloat16, 96, True), (torch.bfloat16, 256, True), (torch.float16, 256, False), (torch.bfloat16, 80, False)],
 )
 @pytest.mark.parametrize("batch, seq_q, seq_k", [(2, 1000, 1000), (1, 100, 2100), (2, 1, 513)])
 def test_flash_attention_gpu(poison, batch, seq_q, seq_k, causal, head_dim, dtype):
@@ -150,6 +164,6 @@ def test_flash_attention_varlen_gpu(poison, dtype):
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("dtype, head_dim", [(torch.bfloat16, 128), (torch.float16, 64)])
+@pytest.mark.parametrize("dtype, head_dim", [(torch.bfloat16, 128), (torch.float16, 64), (torch.bfloat16, 96), (torch.bfloat16, 256)])
 def test_paged_attention_gpu(poison, head_dim, dtype):
     check_paged([1, 15, 16, 17, 1000, 5000, 33, 4097], 32, 8, head_dim, 16, dtype)
