@@ -139,3 +139,28 @@ def test_triton_backend_bf16_at_published_width_on_gpu(family, monkeypatch):
     rel = (got - want).norm() / want.norm()
     assert torch.isfinite(got).all() and rel < 2e-2, f"{family}: relative error {rel:.3g}"
     assert len(flash_calls) >= config.num_hidden_layers  # the Triton kernel ran (head dims 96 and 256 too), not a fallback
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the H200 machine)")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_quantized_models_at_published_width_on_gpu(family):
+    """SmoothQuant W8A8 and RTN w4 at each family's published width: the lowered model (int8 GEMMs with the
+    quantization fused into the norms; the W4A16 kernel for a 4-row batch, dequantize + cuBLAS for 300
+    tokens) gives the reference ops' logits. bf16 through two layers: ~1e-2, as for the float models."""
+    from llmopt.passes import RTN, SmoothQuant
+
+    config = published_config(family)
+    model = build_model(config, dtype=torch.bfloat16).cuda()
+    widths = {getattr(config, name, None) for name in ("hidden_size", "n_embd", "intermediate_size", "ffn_dim", "n_inner")}
+    group = 128 if all(w is None or w % 128 == 0 for w in widths) else 64  # GPT-2 XL's 1600 = 25 groups of 64
+    gen = torch.Generator("cuda").manual_seed(0)
+    calibration = torch.randint(0, config.vocab_size, (4, 128), device="cuda", generator=gen)
+    batches = [torch.randint(0, config.vocab_size, shape, device="cuda", generator=gen) for shape in ((1, 300), (4, 1))]
+    for passes in ([SmoothQuant(alpha=0.5)], [RTN(bits=4, group_size=group)]):
+        reference = llmopt.compile(model, passes=passes + [FuseAttention()], calibration=calibration, backend="torch")
+        lowered = llmopt.compile(reference.program, backend="triton")
+        for ids in batches:
+            got, want = lowered(ids).float(), reference(ids).float()  # [B, T, vocab]
+            rel = (got - want).norm() / want.norm()
+            assert torch.isfinite(got).all() and rel < 2e-2, f"{family} {passes[0].name} {tuple(ids.shape)}: relative error {rel:.3g}"
