@@ -145,9 +145,13 @@ def test_triton_backend_bf16_at_published_width_on_gpu(family, monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the H200 machine)")
 @pytest.mark.parametrize("family", FAMILIES)
 def test_quantized_models_at_published_width_on_gpu(family):
-    """SmoothQuant W8A8 and RTN w4 at each family's published width: the lowered model (int8 GEMMs with the
+    """SmoothQuant W8A8 and RTN w4 at each family's published width, lowered (int8 GEMMs with the
     quantization fused into the norms; the W4A16 kernel for a 4-row batch, dequantize + cuBLAS for 300
-    tokens) gives the reference ops' logits. bf16 through two layers: ~1e-2, as for the float models."""
+    tokens): as close to the float model as the reference ops are. Not closer to the reference than
+    that: in bf16 the lowered float model already differs from the reference by ~1e-2 (attention and norms
+    round differently), which moves some values across int8 rounding boundaries, and those flips are as
+    large as the quantization's own error (measured on Llama-3-8B's width, 300 tokens: reference 6.8% from
+    the float logits, lowered 6.8%, lowered vs reference 5.4%)."""
     from llmopt.passes import RTN, SmoothQuant
 
     config = published_config(family)
@@ -157,10 +161,14 @@ def test_quantized_models_at_published_width_on_gpu(family):
     gen = torch.Generator("cuda").manual_seed(0)
     calibration = torch.randint(0, config.vocab_size, (4, 128), device="cuda", generator=gen)
     batches = [torch.randint(0, config.vocab_size, shape, device="cuda", generator=gen) for shape in ((1, 300), (4, 1))]
+    exact = llmopt.compile(model, passes=[FuseAttention()], backend="torch")
+    floats = [exact(ids).float() for ids in batches]  # [B, T, vocab] each
     for passes in ([SmoothQuant(alpha=0.5)], [RTN(bits=4, group_size=group)]):
         reference = llmopt.compile(model, passes=passes + [FuseAttention()], calibration=calibration, backend="torch")
         lowered = llmopt.compile(reference.program, backend="triton")
-        for ids in batches:
-            got, want = lowered(ids).float(), reference(ids).float()  # [B, T, vocab]
-            rel = (got - want).norm() / want.norm()
-            assert torch.isfinite(got).all() and rel < 2e-2, f"{family} {passes[0].name} {tuple(ids.shape)}: relative error {rel:.3g}"
+        for ids, want in zip(batches, floats):
+            ref, got = reference(ids).float(), lowered(ids).float()
+            err_ref, err_got = ((x - want).norm() / want.norm() for x in (ref, got))
+            case = f"{family} {passes[0].name} {tuple(ids.shape)}"
+            assert torch.isfinite(got).all() and err_got < 1.1 * err_ref + 2e-3, f"{case}: {err_got:.3g} from float, reference {err_ref:.3g}"
+            assert (got - ref).norm() / ref.norm() < max(err_ref, 2e-2), case
