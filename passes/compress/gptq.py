@@ -11,6 +11,10 @@ layer's output error on x, ‖x (Ŵ - W)ᵀ‖², is what the codes minimize col
 With a diagonal H (uncorrelated inputs) no error moves and the codes are round-to-nearest's exactly.
 `damp` adds that fraction of H's mean diagonal to its diagonal (GPTQ's 1%), which keeps the Cholesky
 factorization defined when x has fewer rows than K or dead input channels.
+
+On CUDA each block of 128 columns is rounded by one Triton launch (`gptq_block.round_block`) instead of
+a dozen torch ops a column, which were most of GPTQ's time on the H200 (RESULTS.md: AWQ with GPTQ
+rounding of a 7B shape).
 """
 from typing import Optional
 
@@ -41,7 +45,7 @@ def gptq_quantize(
     scale, zero = group_scale_zero(wg, bits, symmetric, clip_ratio, w.dtype)  # [N, ng, 1] each
     scale, zero = scale.squeeze(-1), zero.squeeze(-1)  # [N, ng] each
     u = _inverse_hessian_factor(x, damp)  # [K, K] upper triangular
-    codes = _round_columns(w.float().clone(), u, scale, zero, bits, group_size)  # [N, K]
+    codes = _round_columns(w.float().clone(), u, scale, zero, bits, group_size, kernel=w.is_cuda)  # [N, K]
     return QuantizedWeight.from_codes(codes, scale.to(w.dtype), zero.to(w.dtype), bits, group_size, symmetric)
 
 
@@ -58,20 +62,29 @@ def _inverse_hessian_factor(x: torch.Tensor, damp: float) -> torch.Tensor:
     return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
 
 
-def _round_columns(w, u, scale, zero, bits: int, group_size: int) -> torch.Tensor:
+def _round_columns(w, u, scale, zero, bits: int, group_size: int, kernel: bool = False) -> torch.Tensor:
     """w: [N, K] fp32 (updated in place), u: [K, K], scale/zero: [N, K // G] -> codes [N, K] fp32,
-    each column rounded as `quantize_codes` rounds (so a diagonal H gives RTN's codes)."""
+    each column rounded as `quantize_codes` rounds (so a diagonal H gives RTN's codes). `kernel`: each
+    block's column loop in one Triton launch (`gptq_block.round_block`) instead of a dozen torch ops a column."""
     codes = torch.empty_like(w)
     k = w.shape[1]
+    if kernel:
+        from llmopt.passes.compress.gptq_block import round_block
+
+        groups = (torch.arange(k, device=w.device) // group_size).to(torch.int32)  # [K]
+        scale, zero, u = scale.float().contiguous(), zero.float().contiguous(), u.contiguous()  # the kernel reads rows
     for b0 in range(0, k, BLOCK):
         b1 = min(b0 + BLOCK, k)
-        errs = torch.empty(w.shape[0], b1 - b0, dtype=w.dtype, device=w.device)  # [N, b1 - b0]
-        for j in range(b0, b1):
-            s, z = scale[:, j // group_size], zero[:, j // group_size]  # [N] each
-            q = quantize_codes(w[:, j], s, z, bits)  # [N]
-            codes[:, j] = q
-            err = (w[:, j] - (q - z) * s) / u[j, j]  # [N]
-            w[:, j:b1] -= err[:, None] * u[j, j:b1][None, :]
-            errs[:, j - b0] = err
+        if kernel:
+            codes[:, b0:b1], errs = round_block(w[:, b0:b1], u[b0:b1, b0:b1], scale, zero, groups[b0:b1], bits)
+        else:
+            errs = torch.empty(w.shape[0], b1 - b0, dtype=w.dtype, device=w.device)  # [N, b1 - b0]
+            for j in range(b0, b1):
+                s, z = scale[:, j // group_size], zero[:, j // group_size]  # [N] each
+                q = quantize_codes(w[:, j], s, z, bits)  # [N]
+                codes[:, j] = q
+                err = (w[:, j] - (q - z) * s) / u[j, j]  # [N]
+                w[:, j:b1] -= err[:, None] * u[j, j:b1][None, :]
+                errs[:, j - b0] = err
         w[:, b1:] -= errs @ u[b0:b1, b1:]
     return codes
