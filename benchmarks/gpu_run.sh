@@ -9,7 +9,7 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1 LLMOPT_RESULTS="$out/results.md"
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || exit 1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$out/gpu.txt"
-timeout 240 python3 -m pytest -q -m gpu -n 8 -p no:cacheprovider tests > "$out/gpu_tests.log" 2>&1
+timeout 420 python3 -m pytest -q -m gpu -n 8 -p no:cacheprovider tests > "$out/gpu_tests.log" 2>&1
 echo "gpu tests exit $?" >> "$out/gpu_tests.log"
 tail -15 "$out/gpu_tests.log"
 timeout 200 python3 benchmarks/e2e.py --layers "$layers" > "$out/e2e.log" 2>&1
