@@ -15,7 +15,8 @@ The Program itself is not changed: lowering copies its graph (sharing the weight
 Two graphs are kept. When the caller gives no `position_ids`, every row holds positions 0..T-1 and the
 attention mask transformers builds from them is exactly the causal mask, so the first graph calls the
 causal kernel and drops the mask computation; with explicit `position_ids` (packed or shifted
-sequences), the second graph keeps the mask and runs attention on the reference op.
+sequences), the second graph keeps the mask and runs the same kernel reading it (a boolean mask; an
+additive float one goes to the reference op).
 On CUDA, calls go through a `runtime.cuda_graphs.GraphCache`: a shape called again is captured into a
 CUDA graph and replayed when that measures faster than launching the kernels from Python
 (`cuda_graphs=False` turns it off).
@@ -34,9 +35,9 @@ def _attention_causal(q, k, v, mask, scale, causal):
 def _attention_masked(q, k, v, mask, scale, causal):
     from llmopt.codegen.kernels import flash_attention
 
-    if mask is None and _flash_supports(q, k, v):
-        return flash_attention(q, k, v, scale, causal)
-    return torch.ops.llmopt.attention(q, k, v, mask, scale, causal)
+    if _flash_supports(q, k, v) and (mask is None or (mask.dtype == torch.bool and mask.dim() == 4)):
+        return flash_attention(q, k, v, scale, causal, mask)
+    return torch.ops.llmopt.attention(q, k, v, mask, scale, causal)  # an additive float mask
 
 
 def _flash_supports(q, k, v) -> bool:

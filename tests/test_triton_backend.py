@@ -31,6 +31,22 @@ def test_triton_backend_matches_torch(family, data):
     torch.testing.assert_close(lowered(ids, pos), reference(ids, pos), rtol=1e-4, atol=1e-4)
 
 
+def test_explicit_positions_run_the_attention_kernel_with_the_mask(monkeypatch):
+    """Shifted positions keep the model's mask in the lowered graph; the Triton kernel reads it (no fp32 fallback)."""
+    from llmopt.codegen import kernels
+
+    masks = []
+    flash = kernels.flash_attention
+    monkeypatch.setattr(kernels, "flash_attention", lambda q, k, v, scale, causal, mask=None: masks.append(mask) or flash(q, k, v, scale, causal, mask))
+    model = build_model(tiny_config("llama"))
+    reference = llmopt.compile(model, passes=[FuseAttention()], backend="torch")
+    lowered = llmopt.compile(model, passes=[FuseAttention()], backend="triton")
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(2))
+    pos = torch.arange(9).expand(2, 9) + torch.tensor([[0], [5]])  # the second row continues at position 5
+    torch.testing.assert_close(lowered(ids, pos), reference(ids, pos), rtol=1e-4, atol=1e-4)
+    assert masks and all(m is not None and m.dtype == torch.bool for m in masks)
+
+
 def tiny_config(family: str):
     """A fixed tiny config: Llama (RMSNorm, q/k/v and gate/up sharing inputs, GQA) or GPT-2 (LayerNorm, fused qkv)."""
     import transformers as tf

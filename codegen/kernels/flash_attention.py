@@ -1,8 +1,11 @@
 """Prefill attention in Triton, FlashAttention-2 style (online softmax, one pass over K/V).
 
 Entry points:
-- `flash_attention(q [B, Hq, T, D], k [B, Hkv, S, D], v, scale, causal)`: the padded batch; same
-  function as `torch.ops.llmopt.attention(q, k, v, None, scale, causal)`.
+- `flash_attention(q [B, Hq, T, D], k [B, Hkv, S, D], v, scale, causal, mask=None)`: the padded batch;
+  same function as `torch.ops.llmopt.attention(q, k, v, mask, scale, causal)`, with `mask` a boolean
+  [B or 1, Hq or 1, T, S] (True = attend; packed or shifted sequences) or None. With a mask every KV
+  block runs masked, `causal` is ignored (as in the reference), and a row that may attend to no key
+  gives zeros.
 - `flash_attention_varlen(q [total_T, Hq, D], k [total_S, Hkv, D], v, cu_seqlens_q, cu_seqlens_k,
   max_seqlen_q, scale, causal)`: a ragged batch, sequence b owning rows cu_seqlens[b]:cu_seqlens[b+1].
 
@@ -50,12 +53,13 @@ def _prune(configs, named_args, **kwargs):
 def _attend_blocks(
     acc, l_i, m_i, q,  # acc: [BLOCK_M, D] fp32, l_i/m_i: [BLOCK_M] fp32, q: [BLOCK_M, D]
     k_base, v_base, stride_kt, stride_vt,
-    offs_m, offs_d, lo, hi, seq_k, causal_shift, qk_scale,
+    offs_m, offs_d, lo, hi, seq_q, seq_k, causal_shift, qk_scale, mask_base, stride_mt,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-    HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, HAS_MASK: tl.constexpr,
 ):
     """Online softmax over keys [lo, hi) in log2 units; MASKED blocks check key bounds and the causal
-    diagonal; without EVEN_D the padded head-dim columns load as zeros."""
+    diagonal, and with HAS_MASK the user's mask (its key stride is 1), its masked scores -inf so that a
+    row with no key left keeps l = 0; without EVEN_D the padded head-dim columns load as zeros."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k_ptrs = k_base + offs_n[:, None] * stride_kt + offs_d[None, :]
@@ -75,11 +79,20 @@ def _attend_blocks(
             keep = (offs_n < seq_k)[None, :]
             if CAUSAL:
                 keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
-            qk = tl.where(keep, qk, _MASKED)
+            if HAS_MASK:
+                in_bounds = (offs_m < seq_q)[:, None] & (offs_n < seq_k)[None, :]
+                allowed = tl.load(mask_base + offs_m[:, None] * stride_mt + offs_n[None, :], mask=in_bounds, other=0)
+                qk = tl.where(keep & (allowed != 0), qk, float("-inf"))
+            else:
+                qk = tl.where(keep, qk, _MASKED)
         # the scale goes into the exponent: one FMA per score instead of a multiply and a subtract
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # log2 units
-        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
+        if HAS_MASK:  # a row with every key masked so far: exponents against 0, so p = alpha = 0, not NaN
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_ref = m_new
+        p = tl.math.exp2(qk * qk_scale - m_ref[:, None])
+        alpha = tl.math.exp2(m_i - m_ref)
         l_i = l_i * alpha + tl.sum(p, 1)
         if MASKED:
             v = tl.load(v_ptrs, mask=kv_mask, other=0.0)  # [BLOCK_N, D_PAD]
@@ -92,21 +105,22 @@ def _attend_blocks(
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_configs(), key=["seq_bucket", "HEAD_DIM", "CAUSAL"], prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_configs(), key=["seq_bucket", "HEAD_DIM", "CAUSAL", "HAS_MASK"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _flash_attention_kernel(
     # tensors: q/out [.., T, Hq, D]-like, k/v [.., S, Hkv, D]-like, addressed through the strides below
-    q_ptr, k_ptr, v_ptr, out_ptr, cu_seqlens_q, cu_seqlens_k,
+    q_ptr, k_ptr, v_ptr, out_ptr, cu_seqlens_q, cu_seqlens_k, mask_ptr,
     # strides (batch, token, head); the head dim is contiguous
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh,
+    stride_mb, stride_mh, stride_mt,  # the mask's (batch, query head, query); its key stride is 1
     # sizes: padded batches use seq_q/seq_k for every sequence; varlen reads cu_seqlens
     seq_q, seq_k, num_q_heads, group, qk_scale,
     seq_bucket,  # next power of two of the longest query: the autotune key, so tuning is per bucket
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr,
 ):
     EVEN_D: tl.constexpr = HEAD_DIM == HEAD_DIM_PAD
     # longest tiles first: in the causal case the last query block of a head does the most work
@@ -120,6 +134,7 @@ def _flash_attention_kernel(
     k_base = k_ptr + b64 * stride_kb + kv_h * stride_kh
     v_base = v_ptr + b64 * stride_vb + kv_h * stride_vh
     o_base = out_ptr + b64 * stride_ob + h * stride_oh
+    mask_base = mask_ptr + b64 * stride_mb + h * stride_mh
     if VARLEN:
         q_start = tl.load(cu_seqlens_q + b).to(tl.int64)
         seq_q = (tl.load(cu_seqlens_q + b + 1) - q_start).to(tl.int32)
@@ -149,18 +164,20 @@ def _flash_attention_kernel(
         hi = tl.minimum(seq_k, tl.maximum(start_m + BLOCK_M + causal_shift, 0))
         first_row_sees = tl.maximum(start_m + causal_shift + 1, 0)  # keys visible to every row
         full_end = tl.minimum(full_end, (first_row_sees // BLOCK_N) * BLOCK_N)
+    if HAS_MASK:
+        full_end = 0  # every block reads the mask
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
     acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
-                                   offs_m, offs_d, 0, full_end, seq_k, causal_shift, qk_scale,
-                                   False, CAUSAL, BLOCK_N, PRECISION, HEAD_DIM, EVEN_D)
+                                   offs_m, offs_d, 0, full_end, seq_q, seq_k, causal_shift, qk_scale, mask_base, stride_mt,
+                                   False, CAUSAL, BLOCK_N, PRECISION, HEAD_DIM, EVEN_D, HAS_MASK)
     acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
-                                   offs_m, offs_d, full_end, hi, seq_k, causal_shift, qk_scale,
-                                   True, CAUSAL, BLOCK_N, PRECISION, HEAD_DIM, EVEN_D)
+                                   offs_m, offs_d, full_end, hi, seq_q, seq_k, causal_shift, qk_scale, mask_base, stride_mt,
+                                   True, CAUSAL, BLOCK_N, PRECISION, HEAD_DIM, EVEN_D, HAS_MASK)
 
-    sees_keys = l_i > 0  # false only where no key exists (seq_k == 0) ...
+    sees_keys = l_i > 0  # false only where no key exists (seq_k == 0) or the mask allows none ...
     if CAUSAL:
         sees_keys = sees_keys & (offs_m + causal_shift >= 0)  # ... or the row precedes every key (T > S)
     out = tl.where(sees_keys[:, None], acc / tl.where(sees_keys, l_i, 1.0)[:, None], 0.0)
@@ -181,32 +198,42 @@ def _check(q, k, v):
         raise ValueError(f"flash_attention: q, k, v must share one of fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
 
 
-def _launch(q, k, v, out, cu_q, cu_k, strides, seq_q, seq_k, batch, num_q_heads, num_kv_heads, max_seqlen_q, scale, causal, varlen):
+def _launch(q, k, v, out, cu_q, cu_k, strides, seq_q, seq_k, batch, num_q_heads, num_kv_heads, max_seqlen_q, scale, causal, varlen,
+            mask=None):
     if num_q_heads % num_kv_heads:
         raise ValueError(f"flash_attention: {num_q_heads} query heads is not a multiple of {num_kv_heads} KV heads")
     grid = lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), batch * num_q_heads)
+    mask_strides = [mask.stride(0), mask.stride(1), mask.stride(2)] if mask is not None else [0, 0, 0]
     _flash_attention_kernel[grid](
-        q, k, v, out, cu_q, cu_k, *strides,
+        q, k, v, out, cu_q, cu_k, q if mask is None else mask, *strides, *mask_strides,
         seq_q, seq_k, num_q_heads, num_q_heads // num_kv_heads, scale * math.log2(math.e),
         triton.next_power_of_2(max(max_seqlen_q, 1)),
         HEAD_DIM=q.shape[-1], HEAD_DIM_PAD=max(16, triton.next_power_of_2(q.shape[-1])), CAUSAL=causal, VARLEN=varlen,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", HAS_MASK=mask is not None,
     )
     return out
 
 
-def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:
-    """q: [B, Hq, T, D], k/v: [B, Hkv, S, D] -> out: [B, Hq, T, D] (the dtype of q), stored token-major
-    ([B, T, Hq, D] memory, as a transposed view): the models' next step, `out.transpose(1, 2)` then a
-    reshape to [B, T, Hq·D] for o_proj, is then a free view and o_proj's input is read contiguously."""
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
+                    mask: torch.Tensor = None) -> torch.Tensor:
+    """q: [B, Hq, T, D], k/v: [B, Hkv, S, D], mask: None or bool [B or 1, Hq or 1, T, S] -> out:
+    [B, Hq, T, D] (the dtype of q), stored token-major ([B, T, Hq, D] memory, as a transposed view): the
+    models' next step, `out.transpose(1, 2)` then a reshape to [B, T, Hq·D] for o_proj, is then a free
+    view and o_proj's input is read contiguously."""
     _check(q, k, v)
+    if mask is not None:
+        if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[-2:] != (q.shape[2], k.shape[2]):
+            raise ValueError(f"flash_attention: mask must be bool [B or 1, Hq or 1, T, S], got {mask.dtype} {tuple(mask.shape)}")
+        mask = mask if mask.stride(-1) == 1 else mask.contiguous()  # before broadcasting: only the given dims are copied
+        mask = mask.expand(q.shape[0], q.shape[1], -1, -1)  # broadcast dims get stride 0
+        causal = False  # the mask says everything, as in the reference
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     batch, num_q_heads, seq_q, head_dim = q.shape
     num_kv_heads, seq_k = k.shape[1], k.shape[2]
     out = torch.empty(batch, seq_q, num_q_heads, head_dim, dtype=q.dtype, device=q.device).transpose(1, 2)  # [B, Hq, T, D]
     strides = [q.stride(0), q.stride(2), q.stride(1), k.stride(0), k.stride(2), k.stride(1),
                v.stride(0), v.stride(2), v.stride(1), out.stride(0), out.stride(2), out.stride(1)]
-    return _launch(q, k, v, out, q, k, strides, seq_q, seq_k, batch, num_q_heads, num_kv_heads, seq_q, scale, causal, False)
+    return _launch(q, k, v, out, q, k, strides, seq_q, seq_k, batch, num_q_heads, num_kv_heads, seq_q, scale, causal, False, mask)
 
 
 def flash_attention_varlen(

@@ -167,3 +167,50 @@ def test_flash_attention_varlen_gpu(poison, dtype):
 @pytest.mark.parametrize("dtype, head_dim", [(torch.bfloat16, 128), (torch.float16, 64), (torch.bfloat16, 96), (torch.bfloat16, 256)])
 def test_paged_attention_gpu(poison, head_dim, dtype):
     check_paged([1, 15, 16, 17, 1000, 5000, 33, 4097], 32, 8, head_dim, 16, dtype)
+
+
+def check_masked(batch, q_heads, kv_heads, seq_q, seq_k, head_dim, mask, dtype, device=DEVICE):
+    q = torch.randn(batch, q_heads, seq_q, head_dim, device=device, dtype=dtype)  # [B, Hq, T, D]
+    k = torch.randn(batch, kv_heads, seq_k, head_dim, device=device, dtype=dtype)  # [B, Hkv, S, D]
+    v = torch.randn(batch, kv_heads, seq_k, head_dim, device=device, dtype=dtype)
+    scale = head_dim**-0.5
+    out = flash_attention(q, k, v, scale, True, mask)  # causal is ignored with a mask, as in the reference
+    assert_close(out, torch.ops.llmopt.attention(q, k, v, mask, scale, True), dtype)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_flash_attention_with_a_packed_sequence_mask(poison, dtype):
+    """Two sequences packed in one row (block-diagonal causal), broadcast over batch and heads."""
+    seq = 40
+    doc = torch.tensor([0] * 17 + [1] * 23)
+    causal = torch.ones(seq, seq, dtype=torch.bool).tril()
+    mask = (causal & (doc[:, None] == doc[None, :]))[None, None].to(DEVICE)  # [1, 1, T, S]
+    check_masked(2, 4, 2, seq, seq, 64, mask, dtype)
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seq_q=st.integers(1, 40), extra=st.integers(0, 20), per_head=st.booleans(), head_dim=st.sampled_from([32, 96]),
+       seed=st.integers(0, 2**16))
+def test_flash_attention_with_random_masks(poison, seq_q, extra, per_head, head_dim, seed):
+    """Random boolean masks, per batch (and per head), with rows that may attend to nothing (zeros)."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(2, 4 if per_head else 1, seq_q, seq_q + extra, generator=g) < 0.6
+    mask[:, :, 0] = False  # the first query sees no key
+    out = check_masked(2, 4, 2, seq_q, seq_q + extra, head_dim, mask.to(DEVICE), torch.float16)
+    assert bool((out[:, :, 0] == 0).all())
+
+
+def test_flash_attention_refuses_a_float_mask():
+    q = torch.randn(1, 2, 3, 16, device=DEVICE, dtype=torch.float16)
+    with pytest.raises(ValueError, match="mask must be bool"):
+        flash_attention(q, q, q, 1.0, True, torch.zeros(1, 1, 3, 3, device=DEVICE))
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("head_dim", [128, 96])
+def test_flash_attention_masked_gpu(poison, head_dim):
+    doc = torch.arange(1500) // 300  # five packed sequences of 300 tokens
+    mask = (torch.ones(1500, 1500, dtype=torch.bool).tril() & (doc[:, None] == doc[None, :]))[None, None].cuda()
+    check_masked(2, 8, 2, 1500, 1500, head_dim, mask, torch.bfloat16)
