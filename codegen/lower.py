@@ -34,17 +34,11 @@ def _attention_causal(q, k, v, mask, scale, causal):
 
 def _attention_masked(q, k, v, mask, scale, causal):
     from llmopt.codegen.kernels import flash_attention
+    from llmopt.codegen.kernels.flash_attention import supports
 
-    if _flash_supports(q, k, v) and (mask is None or (mask.dtype == torch.bool and mask.dim() == 4)):
+    if supports(q, k, v, mask):
         return flash_attention(q, k, v, scale, causal, mask)
-    return torch.ops.llmopt.attention(q, k, v, mask, scale, causal)  # an additive float mask
-
-
-def _flash_supports(q, k, v) -> bool:
-    from llmopt.codegen.kernels.flash_attention import supports_head_dim
-
-    head_dim = q.shape[-1]
-    return supports_head_dim(head_dim) and k.shape[-1] == v.shape[-1] == head_dim and q.dtype == k.dtype == v.dtype
+    return torch.ops.llmopt.attention(q, k, v, mask, scale, causal)  # e.g. an additive float mask
 
 
 def _templates(causal_positions: bool) -> dict:

@@ -50,6 +50,16 @@ def _prune(configs, named_args, **kwargs):
 
 
 @triton.jit
+def rows_mask(rows_ok, offs_d, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr):
+    """rows_ok [R] -> the mask of a [R, D_PAD] tile: its rows, and without EVEN_D the real head-dim columns."""
+    if EVEN_D:
+        mask = rows_ok[:, None]
+    else:
+        mask = rows_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    return mask
+
+
+@triton.jit
 def _attend_blocks(
     acc, l_i, m_i, q,  # acc: [BLOCK_M, D] fp32, l_i/m_i: [BLOCK_M] fp32, q: [BLOCK_M, D]
     k_base, v_base, stride_kt, stride_vt,
@@ -65,10 +75,7 @@ def _attend_blocks(
         k_ptrs = k_base + offs_n[:, None] * stride_kt + offs_d[None, :]
         v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_d[None, :]
         if MASKED:
-            if EVEN_D:
-                kv_mask = (offs_n < seq_k)[:, None]
-            else:
-                kv_mask = (offs_n < seq_k)[:, None] & (offs_d < HEAD_DIM)[None, :]
+            kv_mask = rows_mask(offs_n < seq_k, offs_d, HEAD_DIM, EVEN_D)
             k = tl.load(k_ptrs, mask=kv_mask, other=0.0)  # [BLOCK_N, D_PAD]
         elif EVEN_D:
             k = tl.load(k_ptrs)
@@ -150,11 +157,7 @@ def _flash_attention_kernel(
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    row_ok = offs_m < seq_q
-    if EVEN_D:
-        io_mask = row_ok[:, None]
-    else:
-        io_mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    io_mask = rows_mask(offs_m < seq_q, offs_d, HEAD_DIM, EVEN_D)
     q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=io_mask, other=0.0)  # [BLOCK_M, D_PAD]
 
     causal_shift = seq_k - seq_q  # query i sees keys j <= i + causal_shift
@@ -187,6 +190,14 @@ def _flash_attention_kernel(
 def supports_head_dim(head_dim: int) -> bool:
     """Whether the kernel takes this head dim: a multiple of 8 (16-byte rows in 16-bit types) up to 256."""
     return 8 <= head_dim <= 256 and head_dim % 8 == 0
+
+
+def supports(q, k, v, mask=None) -> bool:
+    """Whether `flash_attention` takes these operands (one supported head dim and one dtype) and mask
+    (None or a 4-D boolean one); else a caller runs the reference op."""
+    head_dim = q.shape[-1]
+    mask_ok = mask is None or (mask.dtype == torch.bool and mask.dim() == 4)
+    return supports_head_dim(head_dim) and k.shape[-1] == v.shape[-1] == head_dim and q.dtype == k.dtype == v.dtype and mask_ok
 
 
 def _check(q, k, v):

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llmopt.codegen.kernels.flash_attention import supports_head_dim
+from llmopt.codegen.kernels.flash_attention import rows_mask, supports_head_dim
 
 _SPLIT_GRANULE = 256  # split lengths are multiples of this many tokens (and so of every BLOCK_N)
 # Programs of the 64-token configs (head dim 128) resident on one SM: 4 (registers bound them). The split
@@ -34,16 +34,6 @@ def _configs():
     # beat 128 (2 per SM) by 3-5% at B 16-64, ctx 4k-32k; 128 stays for other shapes
     shapes = [(64, 4, 2), (64, 4, 3), (64, 2, 3), (128, 4, 2), (128, 8, 3)]
     return [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n, w, s in shapes]
-
-
-@triton.jit
-def _rows_mask(rows_ok, offs_d, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr):
-    """rows_ok [R] -> the mask of a [R, D_PAD] tile: its rows, and without EVEN_D the real head-dim columns."""
-    if EVEN_D:
-        mask = rows_ok[:, None]
-    else:
-        mask = rows_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    return mask
 
 
 @triton.autotune(configs=_configs(), key=["split_len", "HEAD_DIM", "GROUP_PAD", "PAGE_SIZE"])
@@ -81,7 +71,7 @@ def _paged_decode_kernel(
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     heads = kv_h * GROUP + offs_g
     head_ok = offs_g < GROUP
-    head_mask = _rows_mask(head_ok, offs_d, HEAD_DIM, EVEN_D)  # [GROUP_PAD, D_PAD]
+    head_mask = rows_mask(head_ok, offs_d, HEAD_DIM, EVEN_D)  # [GROUP_PAD, D_PAD]
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=head_mask, other=0.0)
 
     table = block_tables_ptr + b.to(tl.int64) * stride_bt
@@ -93,7 +83,7 @@ def _paged_decode_kernel(
         token_ok = offs_n < end
         block = tl.load(table + offs_n // PAGE_SIZE, mask=token_ok, other=0).to(tl.int64)  # [BLOCK_N]
         slot = offs_n % PAGE_SIZE
-        token_mask = _rows_mask(token_ok, offs_d, HEAD_DIM, EVEN_D)
+        token_mask = rows_mask(token_ok, offs_d, HEAD_DIM, EVEN_D)
         k = tl.load(k_cache_ptr + block[:, None] * stride_kn + slot[:, None] * stride_ks + kv_h * stride_kh + offs_d[None, :],
                     mask=token_mask, other=0.0)  # [BLOCK_N, D_PAD]
         v = tl.load(v_cache_ptr + block[:, None] * stride_vn + slot[:, None] * stride_vs + kv_h * stride_vh + offs_d[None, :],
