@@ -1,7 +1,7 @@
 """Prefill attention in Triton, FlashAttention-2 style (online softmax, one pass over K/V).
 
 Entry points:
-- `flash_attention(q [B, Hq, T, D], k [B, Hkv, S, D], v, scale, causal, mask=None)`: the padded batch;
+- `flash_attention(q [B, Hq, T, D], k [B, Hkv, S, D], v, scale, causal, mask=None, kernel="auto")`: the padded batch;
   same function as `torch.ops.llmopt.attention(q, k, v, mask, scale, causal)`, with `mask` a boolean
   [B or 1, Hq or 1, T, S] (True = attend; packed or shifted sequences) or None. With a mask every KV
   block runs masked, `causal` is ignored (as in the reference), and a row that may attend to no key
@@ -9,7 +9,9 @@ Entry points:
 - `flash_attention_varlen(q [total_T, Hq, D], k [total_S, Hkv, D], v, cu_seqlens_q, cu_seqlens_k,
   max_seqlen_q, scale, causal)`: a ragged batch, sequence b owning rows cu_seqlens[b]:cu_seqlens[b+1].
 
-Both launch one kernel. GQA: query head h reads KV head h // (Hq // Hkv); K/V are never repeated.
+Both launch one kernel: this module's portable one, or, for `flash_attention` on an sm_90 GPU
+(fp16/bf16, head dim 128, no mask), the warp-specialized one in `flash_attention_hopper`.
+GQA: query head h reads KV head h // (Hq // Hkv); K/V are never repeated.
 Head dims: any multiple of 8 up to 256 (`supports_head_dim`); one that is not a power of two (Phi-3's
 96, Phi-2's 80) runs in tiles padded to the next one, the padding loaded as zeros and never stored.
 Causal is aligned to the end (query i of T sees keys j <= i + S - T); query rows that see no key give
@@ -21,6 +23,8 @@ import math
 import torch
 import triton
 import triton.language as tl
+
+from llmopt.codegen.kernels import flash_attention_hopper
 
 _MASKED = tl.constexpr(-1.0e6)  # finite, so a row with every key of a block masked stays NaN-free
 
@@ -226,12 +230,24 @@ def _launch(q, k, v, out, cu_q, cu_k, strides, seq_q, seq_k, batch, num_q_heads,
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
-                    mask: torch.Tensor = None) -> torch.Tensor:
+                    mask: torch.Tensor = None, kernel: str = "auto") -> torch.Tensor:
     """q: [B, Hq, T, D], k/v: [B, Hkv, S, D], mask: None or bool [B or 1, Hq or 1, T, S] -> out:
     [B, Hq, T, D] (the dtype of q), stored token-major ([B, T, Hq, D] memory, as a transposed view): the
     models' next step, `out.transpose(1, 2)` then a reshape to [B, T, Hq·D] for o_proj, is then a free
-    view and o_proj's input is read contiguously."""
+    view and o_proj's input is read contiguously. `kernel`: "auto" takes the warp-specialized Hopper
+    kernel (`flash_attention_hopper`) where it is usable and this module's portable kernel elsewhere;
+    "portable" or "warp_specialized" force one (the latter raises where it is not usable)."""
     _check(q, k, v)
+    if kernel not in ("auto", "portable", "warp_specialized"):
+        raise ValueError(f"flash_attention: kernel must be 'auto', 'portable' or 'warp_specialized', got {kernel!r}")
+    if kernel != "portable" and mask is None:
+        if flash_attention_hopper.usable(q, k, v, causal):
+            out = torch.empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3], dtype=q.dtype, device=q.device).transpose(1, 2)
+            return flash_attention_hopper.flash_attention_ws(q, k, v, out, scale, causal)
+    if kernel == "warp_specialized":
+        raise ValueError("flash_attention: the warp-specialized kernel needs an sm_90 GPU, fp16/bf16, head dim 128, no mask, "
+                         "S >= T when causal and 16-byte-aligned strides (and to have passed its check on this GPU); "
+                         "use kernel='auto' to fall back to the portable kernel")
     if mask is not None:
         if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[-2:] != (q.shape[2], k.shape[2]):
             raise ValueError(f"flash_attention: mask must be bool [B or 1, Hq or 1, T, S], got {mask.dtype} {tuple(mask.shape)}")
