@@ -116,7 +116,8 @@ def _attend_blocks(
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_configs(), key=["seq_bucket", "HEAD_DIM", "CAUSAL", "HAS_MASK"], prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_configs(), key=["seq_bucket", "HEAD_DIM", "CAUSAL", "HAS_MASK"], prune_configs_by={"early_config_prune": _prune},
+                  cache_results=True)
 @triton.jit
 def _flash_attention_kernel(
     # tensors: q/out [.., T, Hq, D]-like, k/v [.., S, Hkv, D]-like, addressed through the strides below

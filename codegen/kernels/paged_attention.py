@@ -36,7 +36,7 @@ def _configs():
     return [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n, w, s in shapes]
 
 
-@triton.autotune(configs=_configs(), key=["split_len", "HEAD_DIM", "GROUP_PAD", "PAGE_SIZE"])
+@triton.autotune(configs=_configs(), key=["split_len", "HEAD_DIM", "GROUP_PAD", "PAGE_SIZE"], cache_results=True)
 @triton.jit
 def _paged_decode_kernel(
     # tensors

@@ -40,7 +40,7 @@ def _round_half_even(v):
     return tl.where(((r - v) == 0.5) & odd, r - 1.0, r)
 
 
-@triton.autotune(configs=_configs(), key=["K", "QUANT"])
+@triton.autotune(configs=_configs(), key=["K", "QUANT"], cache_results=True)
 @triton.jit
 def _residual_norm_kernel(
     # tensors: rows of K elements

@@ -284,7 +284,7 @@ def _store_output(y_ptr, bias_ptr, acc, offs_m, offs_n, cols, mask, stride_ym, H
 
 
 _AUTOTUNE = dict(key=["M_BUCKET", "N", "K", "GROUP_SIZE"], prune_configs_by={"early_config_prune": _prune},
-                 do_bench=quick_bench)
+                 do_bench=quick_bench, cache_results=True)
 _wq_gemv_kernel = triton.autotune(configs=_DECODE_CONFIGS, **_AUTOTUNE)(_wq_kernel)  # M <= 16
 _wq_gemm_kernel = triton.autotune(configs=_GEMM_CONFIGS, **_AUTOTUNE)(_wq_kernel)  # 16 < M <= FUSED_MAX_M
 _MAX_SPLIT_K = {k: max(c.kwargs["SPLIT_K"] for c in k.configs) for k in (_wq_gemv_kernel, _wq_gemm_kernel)}

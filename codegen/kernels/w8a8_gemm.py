@@ -133,7 +133,7 @@ def _finish_tma(
 
 @triton.autotune(
     configs=_tma_configs(), key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune},
-    do_bench=quick_bench,
+    do_bench=quick_bench, cache_results=True,
 )
 @triton.jit
 def _w8a8_gemm_kernel(
@@ -186,7 +186,7 @@ def _w8a8_gemm_kernel(
 
 @triton.autotune(
     configs=_pointer_configs(), key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune},
-    do_bench=quick_bench,
+    do_bench=quick_bench, cache_results=True,
 )
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
