@@ -43,7 +43,7 @@ def _flash_attention_ws_kernel(
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest causal tiles first
     pid_bh = tl.program_id(1)
     b = (pid_bh // num_q_heads).to(tl.int64)
-    h = pid_bh % num_q_heads
+    h = (pid_bh % num_q_heads).to(tl.int64)
     kv_h = h // group
     # one [tokens, D] view per (batch, head); rows past the end load as zeros and are never stored
     desc_q = tl.make_tensor_descriptor(q_ptr + b * stride_qb + h * stride_qh, shape=[seq_q, HEAD_DIM],
@@ -84,8 +84,10 @@ def _flash_attention_ws_kernel(
 
 
 def _tma_ready(t: torch.Tensor) -> bool:
-    """TMA needs a 16-byte-aligned base and 16-byte multiples for every stride but the last (1)."""
-    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
+    """TMA needs a 16-byte-aligned base, 16-byte multiples for every stride but the last (1), and a
+    token stride that moves (batch and head strides only offset the base, so broadcast ones are fine)."""
+    return (t.stride(-1) == 1 and t.stride(-2) > 0 and t.data_ptr() % 16 == 0
+            and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1]))
 
 
 _checked = {}  # (device index, dtype, head dim, causal) -> whether this path matched the portable kernel

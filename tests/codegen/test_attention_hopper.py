@@ -82,3 +82,12 @@ def test_flash_attention_takes_the_warp_specialized_kernel_on_hopper(monkeypatch
     assert calls, "flash_attention did not take the warp-specialized kernel for bf16, head dim 128, causal"
     flash_attention(q[..., :64], q[..., :64], q[..., :64], 0.1, True)  # head dim 64: the portable kernel is faster
     assert len(calls) == 1
+
+
+def test_tma_readiness_of_operands():
+    base = torch.randn(1, 2, 8, 72, dtype=torch.float16)
+    assert flash_attention_hopper._tma_ready(base[..., :64])  # row stride 144 bytes, aligned base
+    assert not flash_attention_hopper._tma_ready(base[..., 1:65])  # base 2 bytes off a 16-byte boundary
+    assert not flash_attention_hopper._tma_ready(torch.randn(1, 2, 8, 36, dtype=torch.float16)[..., :32])  # 72-byte rows
+    assert not flash_attention_hopper._tma_ready(torch.randn(1, 2, 1, 64, dtype=torch.float16).expand(1, 2, 8, 64))  # one row for all tokens
+    assert flash_attention_hopper._tma_ready(torch.randn(1, 1, 8, 64, dtype=torch.float16).expand(1, 4, 8, 64))  # broadcast heads
