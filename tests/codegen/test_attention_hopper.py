@@ -78,10 +78,11 @@ def test_flash_attention_takes_the_warp_specialized_kernel_on_hopper(monkeypatch
     real = flash_attention_hopper.flash_attention_ws
     monkeypatch.setattr(flash_attention_hopper, "flash_attention_ws", lambda *a: calls.append(a) or real(*a))
     q = torch.randn(1, 4, 256, 128, device="cuda", dtype=torch.bfloat16)
-    flash_attention(q, q, q, 0.1, True)
-    assert calls, "flash_attention did not take the warp-specialized kernel for bf16, head dim 128, causal"
+    flash_attention(q, q, q, 0.1, True)  # the first use in a process also runs the kernel once in its check
+    assert any(args[0] is q for args in calls), "flash_attention did not take the warp-specialized kernel for bf16, head dim 128"
+    calls.clear()
     flash_attention(q[..., :64], q[..., :64], q[..., :64], 0.1, True)  # head dim 64: the portable kernel is faster
-    assert len(calls) == 1
+    assert not calls
 
 
 def test_tma_readiness_of_operands():
