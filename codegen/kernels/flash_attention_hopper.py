@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 from triton.runtime import _allocation
 
-BLOCK_M, BLOCK_N, NUM_WARPS, NUM_STAGES = 128, 128, 4, 2  # 64-row KV tiles with 3+ stages miscompile (NaN) on 3.6
+BLOCK_M, BLOCK_N, NUM_WARPS, NUM_STAGES = 128, 128, 4, 2  # 64-key tiles with 3+ stages gave NaN on 3.6
 
 
 @triton.jit
