@@ -17,8 +17,8 @@ Two facts about that pass shaped the source (Triton 3.6 and 3.9, compiled for sm
   per-row limit is therefore built from `start_m + shift`, a value the pass leaves alone.
 At head dim 64 it ran 0.74x the portable kernel on the H200 (B=4, T=4096, causal), so it takes 128 only.
 Because the path leans on a compiler pass with such edges, each (device, dtype, head dim, causal) is
-checked once against the portable kernel on a small odd-sized case before first use; a mismatch warns and
-disables this path for it. Descriptors are made on the device, so launches need Triton's global-scratch
+checked once against the portable kernel on a small odd-sized case before first use; a mismatch, or a
+failure to compile or launch (another Triton version), warns and disables this path for it. Descriptors are made on the device, so launches need Triton's global-scratch
 allocator: one backed by torch's caching allocator is set for the launch only.
 """
 import math
@@ -118,12 +118,18 @@ def _matches_portable_kernel(device, dtype, head_dim, causal) -> bool:
     k, v = (torch.randn(2, 1, seq_k, head_dim, device=device, dtype=dtype, generator=gen) for _ in range(2))
     scale = head_dim**-0.5
     ref = flash_attention(q, k, v, scale, causal, kernel="portable").float()
-    out = flash_attention_ws(q, k, v, torch.empty_like(ref, dtype=dtype), scale, causal).float()
+    where = f"on this GPU and Triton {triton.__version__} ({dtype}, head dim {head_dim}, causal={causal})"
+    try:  # another Triton may not compile it: the pass it relies on is young
+        out = flash_attention_ws(q, k, v, torch.empty_like(ref, dtype=dtype), scale, causal).float()
+    except Exception as err:  # noqa: BLE001  (any compile or launch failure means: do not use this path)
+        detail = (str(err).strip().splitlines() or [""])[-1][:200]  # Triton's last line names the failure
+        warnings.warn(f"llmopt: the warp-specialized attention kernel failed {where}: {type(err).__name__}: {detail}; "
+                      "using the portable kernel for these calls.", RuntimeWarning, stacklevel=3)
+        return False
     err = ((out - ref).norm() / ref.norm()).item()
     if not err < 2e-2:  # catches NaN too; the two kernels differ by rounding only (~1e-3 in bf16)
         warnings.warn(f"llmopt: the warp-specialized attention kernel gives a relative error of {err:.2e} against the portable "
-                      f"kernel on this GPU and Triton {triton.__version__} ({dtype}, head dim {head_dim}, causal={causal}); "
-                      "using the portable kernel for these calls.", RuntimeWarning, stacklevel=3)
+                      f"kernel {where}; using the portable kernel for these calls.", RuntimeWarning, stacklevel=3)
         return False
     return True
 

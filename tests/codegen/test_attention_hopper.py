@@ -40,12 +40,19 @@ def test_warp_specialized_kernel_matches_the_reference(poison, batch, q_heads, k
     run_ws(batch, q_heads, kv_heads, seq_q, seq_k, 64, causal, torch.float16, token_major)
 
 
-def test_the_first_use_check_accepts_a_matching_kernel_and_rejects_a_wrong_one(monkeypatch):
+def test_the_first_use_check_accepts_a_matching_kernel_and_rejects_a_wrong_or_failing_one(monkeypatch):
     assert flash_attention_hopper._matches_portable_kernel(torch.device(DEVICE), torch.float16, 64, True)
     wrong = lambda q, k, v, out, scale, causal: out.fill_(1.0)  # noqa: E731
     monkeypatch.setattr(flash_attention_hopper, "flash_attention_ws", wrong)
-    with pytest.warns(RuntimeWarning, match="using the portable kernel"):
+    with pytest.warns(RuntimeWarning, match="relative error .* using the portable kernel"):
         assert not flash_attention_hopper._matches_portable_kernel(torch.device(DEVICE), torch.float16, 64, True)
+
+    def broken(*args):
+        raise RuntimeError("PassManager::run failed")
+
+    monkeypatch.setattr(flash_attention_hopper, "flash_attention_ws", broken)  # as a Triton that cannot compile it
+    with pytest.warns(RuntimeWarning, match="failed .*PassManager::run failed; using the portable kernel"):
+        assert not flash_attention_hopper._matches_portable_kernel(torch.device(DEVICE), torch.float16, 64, False)
 
 
 def test_flash_attention_kernel_choice_is_checked():
