@@ -212,12 +212,12 @@ def _check(q, k, v):
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"flash_attention: q, k, v must share one of fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[1] % k.shape[1]:  # dim 1 holds the heads in both layouts ([B, H, T, D] and varlen's [total, H, D])
+        raise ValueError(f"flash_attention: {q.shape[1]} query heads is not a multiple of {k.shape[1]} KV heads")
 
 
 def _launch(q, k, v, out, cu_q, cu_k, strides, seq_q, seq_k, batch, num_q_heads, num_kv_heads, max_seqlen_q, scale, causal, varlen,
             mask=None):
-    if num_q_heads % num_kv_heads:
-        raise ValueError(f"flash_attention: {num_q_heads} query heads is not a multiple of {num_kv_heads} KV heads")
     grid = lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), batch * num_q_heads)
     mask_strides = [mask.stride(0), mask.stride(1), mask.stride(2)] if mask is not None else [0, 0, 0]
     _flash_attention_kernel[grid](
@@ -241,10 +241,10 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     _check(q, k, v)
     if kernel not in ("auto", "portable", "warp_specialized"):
         raise ValueError(f"flash_attention: kernel must be 'auto', 'portable' or 'warp_specialized', got {kernel!r}")
-    if kernel != "portable" and mask is None:
-        if flash_attention_hopper.usable(q, k, v, causal):
-            out = torch.empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3], dtype=q.dtype, device=q.device).transpose(1, 2)
-            return flash_attention_hopper.flash_attention_ws(q, k, v, out, scale, causal)
+    batch, num_q_heads, seq_q, head_dim = q.shape
+    out = torch.empty(batch, seq_q, num_q_heads, head_dim, dtype=q.dtype, device=q.device).transpose(1, 2)  # [B, Hq, T, D]
+    if kernel != "portable" and mask is None and flash_attention_hopper.usable(q, k, v, causal):
+        return flash_attention_hopper.flash_attention_ws(q, k, v, out, scale, causal)
     if kernel == "warp_specialized":
         raise ValueError("flash_attention: the warp-specialized kernel needs an sm_90 GPU, fp16/bf16, head dim 128, no mask, "
                          "S >= T when causal and 16-byte-aligned strides (and to have passed its check on this GPU); "
@@ -256,9 +256,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
         mask = mask.expand(q.shape[0], q.shape[1], -1, -1)  # broadcast dims get stride 0
         causal = False  # the mask says everything, as in the reference
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    batch, num_q_heads, seq_q, head_dim = q.shape
     num_kv_heads, seq_k = k.shape[1], k.shape[2]
-    out = torch.empty(batch, seq_q, num_q_heads, head_dim, dtype=q.dtype, device=q.device).transpose(1, 2)  # [B, Hq, T, D]
     strides = [q.stride(0), q.stride(2), q.stride(1), k.stride(0), k.stride(2), k.stride(1),
                v.stride(0), v.stride(2), v.stride(1), out.stride(0), out.stride(2), out.stride(1)]
     return _launch(q, k, v, out, q, k, strides, seq_q, seq_k, batch, num_q_heads, num_kv_heads, seq_q, scale, causal, False, mask)

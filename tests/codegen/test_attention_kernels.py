@@ -106,6 +106,16 @@ def test_flash_attention_refuses_other_head_dims(head_dim):
         flash_attention(q, q, q, 1.0, True)
 
 
+def test_flash_attention_refuses_query_heads_that_are_not_a_multiple_of_kv_heads():
+    q = torch.randn(1, 3, 8, 128, device=DEVICE, dtype=torch.bfloat16)  # [B, Hq, T, D]: checked before any kernel is chosen
+    kv = torch.randn(1, 2, 8, 128, device=DEVICE, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="3 query heads is not a multiple of 2 KV heads"):
+        flash_attention(q, kv, kv, 1.0, True)
+    cu = torch.tensor([0, 8], device=DEVICE, dtype=torch.int32)
+    with pytest.raises(ValueError, match="3 query heads is not a multiple of 2 KV heads"):
+        flash_attention_varlen(q[0].transpose(0, 1), kv[0].transpose(0, 1), kv[0].transpose(0, 1), cu, cu, 8, 1.0, True)
+
+
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     lens=st.lists(st.tuples(st.integers(1, 40), st.integers(0, 30)), min_size=1, max_size=3),
