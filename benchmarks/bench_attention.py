@@ -5,8 +5,9 @@ Entry point: `run(ceilings) -> list[dict]` (one row per case; `ceilings` from
 prints four tables:
 - prefill: causal attention, head dim 128, bf16, 32 heads, ~16k tokens per batch, against
   `scaled_dot_product_attention` on its fastest backend (flash or cuDNN); causal FLOPs = 2*2*B*H*T*T*D/2;
-  `flash_attention` as the lowering calls it ("kernel" names the one it took: warp-specialized on the
-  H200 where usable) and, side by side, its portable kernel (`kernel="portable"`);
+  `flash_attention` as the lowering calls it ("kernel" names the one it took: the Gluon kernel on the
+  H200 where usable) and, side by side, Triton's warp-specialized Hopper kernel (`kernel="warp_specialized"`,
+  head dim 128 only) and the portable kernel (`kernel="portable"`);
 - prefill at other head dims (64, 96 in padded tiles, 256 with 16 heads), T=4096, the same way;
 - decode: paged attention, GQA 32/8 heads, D=128, bf16, block size 16, every sequence at the full
   context; bytes = the K and V rows read (B*ctx*Hkv*D*2 tensors*2 bytes), against the measured copy
@@ -62,13 +63,17 @@ def _prefill_row(ceilings, batch: int, heads: int, seq: int, head_dim: int, case
     flops = 4 * batch * heads * seq * seq * head_dim / 2
     ours = time_ms(lambda: flash_attention(q, k, v, scale, True))
     portable = time_ms(lambda: flash_attention(q, k, v, scale, True, kernel="portable"))
+    triton_ws = None
+    if flash_attention_hopper.choose(q, k, v, True, "warp_specialized"):
+        triton_ws = time_ms(lambda: flash_attention(q, k, v, scale, True, kernel="warp_specialized"))
     sdpa_ms, backend = _best_sdpa(q, k, v, is_causal=True, scale=scale)
     ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     return {
-        "case": case, "kernel": "warp-specialized" if flash_attention_hopper.usable(q, k, v, True) else "portable",
+        "case": case, "kernel": flash_attention_hopper.choose(q, k, v, True) or "portable",
         "ms": ours, "TFLOP/s": flops / ours / 1e9,
         "sdpa ms": sdpa_ms, "sdpa TFLOP/s": flops / sdpa_ms / 1e9, "sdpa backend": backend,
         "speedup": sdpa_ms / ours, "% of matmul": 100 * flops / ours / 1e9 / ceilings["bf16_tflops"],
+        "triton ws ms": triton_ws or "", "triton ws speedup": sdpa_ms / triton_ws if triton_ws else "",
         "portable ms": portable, "portable speedup": sdpa_ms / portable,
         "rel err": rel_err(flash_attention(q, k, v, scale, True), ref),
     }

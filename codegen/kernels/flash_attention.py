@@ -10,7 +10,8 @@ Entry points:
   max_seqlen_q, scale, causal)`: a ragged batch, sequence b owning rows cu_seqlens[b]:cu_seqlens[b+1].
 
 Both launch one kernel: this module's portable one, or, for `flash_attention` on an sm_90 GPU
-(fp16/bf16, head dim 128, no mask), the warp-specialized one in `flash_attention_hopper`.
+(fp16/bf16, head dim 128, no mask), a Hopper one that `flash_attention_hopper.choose` picks (the Gluon
+kernel of `flash_attention_gluon`, else Triton's warp-specialized one).
 GQA: query head h reads KV head h // (Hq // Hkv); K/V are never repeated.
 Head dims: any multiple of 8 up to 256 (`supports_head_dim`); one that is not a power of two (Phi-3's
 96, Phi-2's 80) runs in tiles padded to the next one, the padding loaded as zeros and never stored.
@@ -237,16 +238,17 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     models' next step, `out.transpose(1, 2)` then a reshape to [B, T, Hq·D] for o_proj, is then a free
     view and o_proj's input is read contiguously. `kernel`: "auto" takes the warp-specialized Hopper
     kernel (`flash_attention_hopper`) where it is usable and this module's portable kernel elsewhere;
-    "portable" or "warp_specialized" force one (the latter raises where it is not usable)."""
+    "portable", "gluon" or "warp_specialized" force one (the Hopper ones raise where they are not usable)."""
     _check(q, k, v)
-    if kernel not in ("auto", "portable", "warp_specialized"):
-        raise ValueError(f"flash_attention: kernel must be 'auto', 'portable' or 'warp_specialized', got {kernel!r}")
+    if kernel not in ("auto", "portable", "gluon", "warp_specialized"):
+        raise ValueError(f"flash_attention: kernel must be 'auto', 'portable', 'gluon' or 'warp_specialized', got {kernel!r}")
     batch, num_q_heads, seq_q, head_dim = q.shape
     out = torch.empty(batch, seq_q, num_q_heads, head_dim, dtype=q.dtype, device=q.device).transpose(1, 2)  # [B, Hq, T, D]
-    if kernel != "portable" and mask is None and flash_attention_hopper.usable(q, k, v, causal):
-        return flash_attention_hopper.flash_attention_ws(q, k, v, out, scale, causal)
-    if kernel == "warp_specialized":
-        raise ValueError("flash_attention: the warp-specialized kernel needs an sm_90 GPU, fp16/bf16, head dim 128, no mask, "
+    hopper = flash_attention_hopper.choose(q, k, v, causal, kernel) if kernel != "portable" and mask is None else None
+    if hopper is not None:
+        return flash_attention_hopper.run(hopper, q, k, v, out, scale, causal)
+    if kernel in ("gluon", "warp_specialized"):
+        raise ValueError(f"flash_attention: the {kernel} kernel needs an sm_90 GPU, fp16/bf16, head dim 128, no mask, "
                          "S >= T when causal and 16-byte-aligned strides (and to have passed its check on this GPU); "
                          "use kernel='auto' to fall back to the portable kernel")
     if mask is not None:

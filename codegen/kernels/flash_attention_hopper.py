@@ -1,25 +1,31 @@
-"""Prefill attention for Hopper (sm_90): TMA loads and Triton's automatic warp specialization.
+"""Prefill attention for Hopper (sm_90): which Hopper kernel `flash_attention` takes, and the Triton one.
 
 Entry points:
-- `usable(q, k, v, causal) -> bool`: whether `flash_attention` may take this path (an sm_90 GPU,
-  fp16/bf16, head dim 128, no mask, every query row sees a key, TMA-aligned strides);
+- `choose(q, k, v, causal, kernel="auto") -> "gluon" | "warp_specialized" | None`: the Hopper kernel
+  `flash_attention` takes for these operands (None: the portable kernel). Both need an sm_90 GPU,
+  fp16/bf16, head dim 128, no mask, every query row seeing a key, TMA-aligned strides; "auto" prefers
+  the Gluon kernel (`flash_attention_gluon`, FlashAttention-3's schedule written by hand: 1.1-1.4x this
+  module's kernel on the H200, see benchmarks/RESULTS.md), then this module's;
+- `run(name, q, k, v, out, scale, causal) -> out`;
 - `flash_attention_ws(q [B, Hq, T, D], k [B, Hkv, S, D], v, out [B, Hq, T, D], scale, causal) -> out`.
 
-One program per 128 query rows of one head, as `flash_attention`'s kernel, but written so that
-Triton's Hopper warp-specialization pass (`tl.range(..., warp_specialize=True)`) splits it the way
-FlashAttention-3 is split: a producer warp group issues TMA loads of K/V blocks into a two-stage ring in
-shared memory, and two consumer warp groups (64 query rows each) run QKᵀ, the online softmax and PV.
-Two facts about that pass shaped the source (Triton 3.6 and 3.9, compiled for sm_90):
+This module's kernel: one program per 128 query rows of one head, as `flash_attention`'s kernel, but
+written so that Triton's Hopper warp-specialization pass (`tl.range(..., warp_specialize=True)`) splits
+it the way FlashAttention-3 is split: a producer warp group issues TMA loads of K/V blocks into a
+two-stage ring in shared memory, and two consumer warp groups (64 query rows each) run QKᵀ, the online
+softmax and PV. Two facts about that pass shaped the source (Triton 3.6 and 3.9, compiled for sm_90):
 - it needs every load in the loop to be a TMA load, and one loop: with the causal loop split in two
   (unmasked blocks, then the diagonal) the pass fails to compile, so every block applies the key limit;
 - it offsets the second consumer's copy of a value feeding the Q descriptor's coordinate, then offsets
   that consumer's row range again, so rows 64-127 would get the causal limit of rows 128-191: the
   per-row limit is therefore built from `start_m + shift`, a value the pass leaves alone.
 At head dim 64 it ran 0.74x the portable kernel on the H200 (B=4, T=4096, causal), so it takes 128 only.
-Because the path leans on a compiler pass with such edges, each (device, dtype, head dim, causal) is
-checked once against the portable kernel on a small odd-sized case before first use; a mismatch, or a
-failure to compile or launch (another Triton version), warns and disables this path for it. Descriptors are made on the device, so launches need Triton's global-scratch
-allocator: one backed by torch's caching allocator is set for the launch only.
+Because both kernels lean on young compiler features (an automatic pass; Gluon, whose API moves between
+Triton releases), each (kernel, device, dtype, head dim, causal) is checked once against the portable
+kernel on a small odd-sized case before first use; a mismatch, or a failure to compile or launch
+(another Triton version), warns and disables that kernel for it. This module's descriptors are made on
+the device, so its launches need Triton's global-scratch allocator: one backed by torch's caching
+allocator is set for the launch only.
 """
 import math
 import warnings
@@ -28,6 +34,11 @@ import torch
 import triton
 import triton.language as tl
 from triton.runtime import _allocation
+
+try:  # Gluon's Hopper modules: Triton >= 3.6
+    from llmopt.codegen.kernels import flash_attention_gluon
+except ImportError:
+    flash_attention_gluon = None
 
 BLOCK_M, BLOCK_N, NUM_WARPS, NUM_STAGES = 128, 128, 4, 2  # 64-key tiles with 3+ stages gave NaN on 3.6
 
@@ -90,26 +101,52 @@ def _tma_ready(t: torch.Tensor) -> bool:
             and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1]))
 
 
-_checked = {}  # (device index, dtype, head dim, causal) -> whether this path matched the portable kernel
+_checked = {}  # (kernel, device index, dtype, head dim, causal) -> whether it matched the portable kernel
+_ENTRY = {"gluon": "_run_gluon", "warp_specialized": "flash_attention_ws"}
 
 
-def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> bool:
-    """q: [B, Hq, T, D], k/v: [B, Hkv, S, D]. False sends the call to the portable kernel."""
-    if triton.knobs.runtime.interpret or not q.is_cuda or torch.cuda.get_device_capability(q.device) != (9, 0):
+def _gluon_ready(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """The Gluon kernel's descriptors are made on the host over [B, H, T, D]: a dim that is stepped needs a
+    nonzero stride, except K/V broadcast over heads (both), which it reads as one head."""
+    if flash_attention_gluon is None or (k.stride(1) == 0) != (v.stride(1) == 0):
         return False
+    k, v = (k[:, :1], v[:, :1]) if k.stride(1) == 0 else (k, v)
+    return all(s > 0 for t in (q, k, v) for s, n in zip(t.stride(), t.shape) if n > 1)
+
+
+def choose(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, kernel: str = "auto"):
+    """q: [B, Hq, T, D], k/v: [B, Hkv, S, D] -> the Hopper kernel to run ("gluon" or "warp_specialized"), or
+    None for the portable kernel. `kernel`: "auto" (the Gluon kernel first) or one of the two names."""
+    if triton.knobs.runtime.interpret or not q.is_cuda or torch.cuda.get_device_capability(q.device) != (9, 0):
+        return None
     seq_q, head_dim, seq_k = q.shape[2], q.shape[3], k.shape[2]
     shapes_ok = head_dim == 128 and seq_q > 0 and seq_k > 0 and (not causal or seq_k >= seq_q)  # every row sees a key
     if not (shapes_ok and q.dtype in (torch.float16, torch.bfloat16) and all(map(_tma_ready, (q, k, v)))):
-        return False
-    key = (q.device.index, q.dtype, head_dim, causal)
-    if key not in _checked:
-        if torch.cuda.is_current_stream_capturing():  # the check syncs: run it on an eager call first
-            return False
-        _checked[key] = _matches_portable_kernel(q.device, q.dtype, head_dim, causal)
-    return _checked[key]
+        return None
+    names = ("gluon", "warp_specialized") if kernel == "auto" else (kernel, )
+    for name in names:
+        if name == "gluon" and not _gluon_ready(q, k, v):
+            continue
+        key = (name, q.device.index, q.dtype, head_dim, causal)
+        if key not in _checked:
+            if torch.cuda.is_current_stream_capturing():  # the check syncs: run it on an eager call first
+                continue
+            _checked[key] = _matches_portable_kernel(name, q.device, q.dtype, head_dim, causal)
+        if _checked[key]:
+            return name
+    return None
 
 
-def _matches_portable_kernel(device, dtype, head_dim, causal) -> bool:
+def run(name: str, q, k, v, out, scale: float, causal: bool) -> torch.Tensor:
+    """Runs the Hopper kernel `name` (from `choose`) -> out, written."""
+    return globals()[_ENTRY[name]](q, k, v, out, scale, causal)
+
+
+def _run_gluon(q, k, v, out, scale, causal):
+    return flash_attention_gluon.flash_attention_gluon(q, k, v, out, scale, causal)
+
+
+def _matches_portable_kernel(name, device, dtype, head_dim, causal) -> bool:
     from llmopt.codegen.kernels.flash_attention import flash_attention
 
     gen = torch.Generator(device=device).manual_seed(0)
@@ -118,18 +155,19 @@ def _matches_portable_kernel(device, dtype, head_dim, causal) -> bool:
     k, v = (torch.randn(2, 1, seq_k, head_dim, device=device, dtype=dtype, generator=gen) for _ in range(2))
     scale = head_dim**-0.5
     ref = flash_attention(q, k, v, scale, causal, kernel="portable").float()
+    label = {"gluon": "Gluon", "warp_specialized": "warp-specialized"}[name]
     where = f"on this GPU and Triton {triton.__version__} ({dtype}, head dim {head_dim}, causal={causal})"
-    try:  # another Triton may not compile it: the pass it relies on is young
-        out = flash_attention_ws(q, k, v, torch.empty_like(ref, dtype=dtype), scale, causal).float()
+    try:  # another Triton may not compile it: the features it relies on are young
+        out = run(name, q, k, v, torch.empty_like(ref, dtype=dtype), scale, causal).float()
     except Exception as err:  # noqa: BLE001  (any compile or launch failure means: do not use this path)
         detail = (str(err).strip().splitlines() or [""])[-1][:200]  # Triton's last line names the failure
-        warnings.warn(f"llmopt: the warp-specialized attention kernel failed {where}: {type(err).__name__}: {detail}; "
-                      "using the portable kernel for these calls.", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"llmopt: the {label} attention kernel failed {where}: {type(err).__name__}: {detail}; "
+                      "not using it for these calls.", RuntimeWarning, stacklevel=3)
         return False
     err = ((out - ref).norm() / ref.norm()).item()
     if not err < 2e-2:  # catches NaN too; the two kernels differ by rounding only (~1e-3 in bf16)
-        warnings.warn(f"llmopt: the warp-specialized attention kernel gives a relative error of {err:.2e} against the portable "
-                      f"kernel {where}; using the portable kernel for these calls.", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"llmopt: the {label} attention kernel gives a relative error of {err:.2e} against the portable "
+                      f"kernel {where}; not using it for these calls.", RuntimeWarning, stacklevel=3)
         return False
     return True
 

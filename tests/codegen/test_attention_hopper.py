@@ -1,9 +1,11 @@
-"""The warp-specialized Hopper attention kernel (`codegen/kernels/flash_attention_hopper.py`).
+"""The Hopper attention kernels: Triton's warp-specialized one (`codegen/kernels/flash_attention_hopper.py`)
+and the Gluon one (`codegen/kernels/flash_attention_gluon.py`), and how `flash_attention` picks them.
 
-On CPU its source runs under the Triton interpreter (16-row tiles; the warp specialization is a
-compile-time split that the interpreter ignores), so the tiling, masks and TMA views are checked there
-in fp16; the `gpu` tests check the compiled kernel in bf16/fp16 on the H200, where `flash_attention`
-takes it by default.
+On CPU the Triton kernel's source runs under the Triton interpreter (16-row tiles; the warp
+specialization is a compile-time split that the interpreter ignores), so its tiling, masks and TMA views
+are checked there in fp16. The interpreter does not run Gluon: on CPU the Gluon kernel is compiled for
+sm_90 with the installed Triton and its partitions are checked in the compiler's output. The `gpu` tests
+run both in bf16/fp16 on the H200, where `flash_attention` takes the Gluon kernel by default.
 """
 import pytest
 import torch
@@ -14,7 +16,7 @@ from llmopt.codegen.kernels.flash_attention import flash_attention
 from tests.codegen.test_attention_kernels import DEVICE, assert_close, needs_cuda
 
 
-def run_ws(batch, q_heads, kv_heads, seq_q, seq_k, head_dim, causal, dtype, token_major=False):
+def run_ws(batch, q_heads, kv_heads, seq_q, seq_k, head_dim, causal, dtype, token_major=False, name="warp_specialized"):
     if token_major:  # as the models make them: [B, T, H, D] memory seen as [B, H, T, D]
         q = torch.randn(batch, seq_q, q_heads, head_dim, device=DEVICE, dtype=dtype).transpose(1, 2)
         k, v = (torch.randn(batch, seq_k, kv_heads, head_dim, device=DEVICE, dtype=dtype).transpose(1, 2) for _ in range(2))
@@ -23,7 +25,7 @@ def run_ws(batch, q_heads, kv_heads, seq_q, seq_k, head_dim, causal, dtype, toke
         k, v = (torch.randn(batch, kv_heads, seq_k, head_dim, device=DEVICE, dtype=dtype) for _ in range(2))  # [B, Hkv, S, D]
     scale = head_dim**-0.5
     out = torch.empty(batch, seq_q, q_heads, head_dim, device=DEVICE, dtype=dtype).transpose(1, 2)  # token-major
-    flash_attention_hopper.flash_attention_ws(q, k, v, out, scale, causal)
+    flash_attention_hopper.run(name, q, k, v, out, scale, causal)
     assert_close(out, torch.ops.llmopt.attention(q, k, v, None, scale, causal), dtype)
 
 
@@ -41,28 +43,79 @@ def test_warp_specialized_kernel_matches_the_reference(poison, batch, q_heads, k
 
 
 def test_the_first_use_check_accepts_a_matching_kernel_and_rejects_a_wrong_or_failing_one(monkeypatch):
-    assert flash_attention_hopper._matches_portable_kernel(torch.device(DEVICE), torch.float16, 64, True)
+    check = flash_attention_hopper._matches_portable_kernel
+    assert check("warp_specialized", torch.device(DEVICE), torch.float16, 64, True)
     wrong = lambda q, k, v, out, scale, causal: out.fill_(1.0)  # noqa: E731
-    monkeypatch.setattr(flash_attention_hopper, "flash_attention_ws", wrong)
-    with pytest.warns(RuntimeWarning, match="relative error .* using the portable kernel"):
-        assert not flash_attention_hopper._matches_portable_kernel(torch.device(DEVICE), torch.float16, 64, True)
+    monkeypatch.setattr(flash_attention_hopper, "_run_gluon", wrong)
+    with pytest.warns(RuntimeWarning, match="Gluon attention kernel gives a relative error .* not using it"):
+        assert not check("gluon", torch.device(DEVICE), torch.float16, 64, True)
 
     def broken(*args):
         raise RuntimeError("PassManager::run failed")
 
     monkeypatch.setattr(flash_attention_hopper, "flash_attention_ws", broken)  # as a Triton that cannot compile it
-    with pytest.warns(RuntimeWarning, match="failed .*PassManager::run failed; using the portable kernel"):
-        assert not flash_attention_hopper._matches_portable_kernel(torch.device(DEVICE), torch.float16, 64, False)
+    with pytest.warns(RuntimeWarning, match="warp-specialized attention kernel failed .*PassManager::run failed; not using it"):
+        assert not check("warp_specialized", torch.device(DEVICE), torch.float16, 64, False)
 
 
 def test_flash_attention_kernel_choice_is_checked():
     q = torch.randn(1, 2, 8, 64, device=DEVICE, dtype=torch.float32)
     with pytest.raises(ValueError, match="kernel must be"):
         flash_attention(q, q, q, 1.0, True, kernel="fast")
-    if not torch.cuda.is_available():  # fp32 never takes it; neither does a machine without sm_90
-        with pytest.raises(ValueError, match="needs an sm_90 GPU"):
-            flash_attention(q, q, q, 1.0, True, kernel="warp_specialized")
-    assert not flash_attention_hopper.usable(q, q, q, True)
+    for kernel in ("gluon", "warp_specialized"):  # fp32 never takes them; neither does a machine without sm_90
+        with pytest.raises(ValueError, match=f"the {kernel} kernel needs an sm_90 GPU"):
+            flash_attention(q, q, q, 1.0, True, kernel=kernel)
+    assert flash_attention_hopper.choose(q, q, q, True) is None
+
+
+_COMPILE_GLUON_FOR_SM90 = """
+import json
+from triton.backends.compiler import GPUTarget
+from triton.compiler import compile as triton_compile
+from triton.experimental.gluon._runtime import GluonASTSource
+from llmopt.codegen.kernels import flash_attention_gluon as gluon_kernel
+
+kernel = gluon_kernel._flash_attention_gluon_kernel
+layout = repr(gluon_kernel._BOX_LAYOUT)
+sig = {name: "i32" for name in kernel.arg_names}
+sig.update(desc_q=f"tensordesc<bf16[1, 1, 64, 128],{layout}>", desc_k=f"tensordesc<bf16[1, 1, 128, 128],{layout}>",
+           desc_v=f"tensordesc<bf16[1, 1, 128, 128],{layout}>", out_ptr="*bf16", counter_ptr="*i32", qk_scale="fp32",
+           CAUSAL="constexpr", STAGES="constexpr")
+source = GluonASTSource(kernel, sig, {"CAUSAL": True, "STAGES": gluon_kernel.STAGES}, {})
+compiled = triton_compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": 168})
+print(json.dumps({"ttgir": compiled.asm["ttgir"], "shared": compiled.metadata.shared,
+                  "wgmma": compiled.asm["ptx"].count("wgmma.mma_async")}))
+"""
+
+
+def test_gluon_kernel_compiles_for_hopper_into_a_producer_and_two_consumers():
+    """The Gluon source against the installed Triton (its API moves between releases), compiled for sm_90 on
+    any machine: one producer warp and two 4-warp consumer groups issuing asynchronous wgmma. In a child
+    process, since this suite runs Triton's interpreter, which does not compile."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    done = subprocess.run([sys.executable, "-c", _COMPILE_GLUON_FOR_SM90], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    ttgir = result["ttgir"]
+    assert "ttg.warp_specialize" in ttgir and "requestedRegisters = array<i32: 240, 24>" in ttgir
+    assert "num_warps(4)" in ttgir and "num_warps(1)" in ttgir  # the second consumer group and the producer
+    assert result["shared"] <= 227 * 1024  # the H200's shared memory per block
+    assert result["wgmma"] >= 16  # QKᵀ and PV, 64-row tiles, both consumers
+
+
+def test_gluon_path_takes_broadcast_kv_heads_only_when_both_are():
+    q = torch.randn(1, 4, 8, 128, dtype=torch.float16)
+    kv = torch.randn(1, 1, 8, 128, dtype=torch.float16).expand(1, 4, 8, 128)  # stride 0 over heads
+    if flash_attention_hopper.flash_attention_gluon is None:
+        pytest.fail("this Triton has no Gluon Hopper modules (Triton >= 3.6 does)")
+    assert flash_attention_hopper._gluon_ready(q, kv, kv)
+    assert not flash_attention_hopper._gluon_ready(q, kv, kv.contiguous())  # one broadcast, one not
+    assert not flash_attention_hopper._gluon_ready(q.expand(2, 4, 8, 128), kv, kv)  # batch stride 0, stepped
 
 
 @pytest.mark.gpu
@@ -73,20 +126,51 @@ def test_flash_attention_kernel_choice_is_checked():
 def test_warp_specialized_kernel_gpu(poison, batch, seq_q, seq_k, causal, head_dim, dtype):
     assert torch.cuda.get_device_capability() == (9, 0), "the warp-specialized kernel is for sm_90 (the H200)"
     q = torch.randn(batch, 8, seq_q, head_dim, device="cuda", dtype=dtype)
-    assert flash_attention_hopper.usable(q, q[:, :2], q[:, :2], causal), "flash_attention would not take this path here"
+    assert flash_attention_hopper.choose(q, q[:, :2], q[:, :2], causal, "warp_specialized") == "warp_specialized"
     for token_major in (False, True):
         run_ws(batch, 8, 2, seq_q, seq_k, head_dim, causal, dtype, token_major)
 
 
 @pytest.mark.gpu
 @needs_cuda
-def test_flash_attention_takes_the_warp_specialized_kernel_on_hopper(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("batch, q_heads, kv_heads, seq_q, seq_k", [
+    (2, 8, 2, 1000, 1000), (1, 8, 2, 100, 2100), (2, 8, 2, 1, 513), (1, 8, 2, 4096, 4096),
+    (4, 16, 4, 2000, 2000),  # 1024 tiles on 132 programs: each claims several, of different lengths
+])
+def test_gluon_kernel_gpu(poison, batch, q_heads, kv_heads, seq_q, seq_k, causal, dtype):
+    assert torch.cuda.get_device_capability() == (9, 0), "the Gluon kernel is for sm_90 (the H200)"
+    q = torch.randn(batch, q_heads, seq_q, 128, device="cuda", dtype=dtype)
+    kv = q[:, :kv_heads, :1].expand(batch, kv_heads, seq_k, 128)
+    assert flash_attention_hopper.choose(q, kv, kv, causal) == "gluon", "flash_attention would not take the Gluon kernel here"
+    for token_major in (False, True):
+        run_ws(batch, q_heads, kv_heads, seq_q, seq_k, 128, causal, dtype, token_major, name="gluon")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gluon_kernel_reads_kv_broadcast_over_heads_and_leaves_its_tile_counter_at_zero(poison):
+    q = torch.randn(2, 8, 700, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 1, 900, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    k_wide, v_wide = k.expand(2, 8, 900, 128), v.expand(2, 8, 900, 128)  # as the lowered models pass GQA K/V
+    ref = torch.ops.llmopt.attention(q, k, v, None, 0.1, True)
+    for _ in range(3):  # a counter left past zero would make the next launch skip tiles
+        out = flash_attention(q, k_wide, v_wide, 0.1, True, kernel="gluon")
+        assert_close(out, ref, torch.bfloat16)
+    from llmopt.codegen.kernels import flash_attention_gluon as gluon_kernel
+    assert all(int(c.item()) == 0 for c in gluon_kernel._counters.values())
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_flash_attention_takes_the_gluon_kernel_on_hopper(monkeypatch):
     calls = []
-    real = flash_attention_hopper.flash_attention_ws
-    monkeypatch.setattr(flash_attention_hopper, "flash_attention_ws", lambda *a: calls.append(a) or real(*a))
+    real = flash_attention_hopper._run_gluon
+    monkeypatch.setattr(flash_attention_hopper, "_run_gluon", lambda *a: calls.append(a) or real(*a))
     q = torch.randn(1, 4, 256, 128, device="cuda", dtype=torch.bfloat16)
     flash_attention(q, q, q, 0.1, True)  # the first use in a process also runs the kernel once in its check
-    assert any(args[0] is q for args in calls), "flash_attention did not take the warp-specialized kernel for bf16, head dim 128"
+    assert any(args[0] is q for args in calls), "flash_attention did not take the Gluon kernel for bf16, head dim 128"
     calls.clear()
     flash_attention(q[..., :64], q[..., :64], q[..., :64], 0.1, True)  # head dim 64: the portable kernel is faster
     assert not calls
