@@ -265,9 +265,12 @@ _counters = {}  # (device index, stream) -> int32 [1]: the tile counter, which e
 
 
 def _descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
-    """A 4-D TMA descriptor over t [B, H, T, D] loading [1, 1, rows, D] boxes. A dim of size 1 gets a
-    stride that TMA takes (any multiple of 16 bytes: it is never stepped)."""
-    strides = [s if n > 1 else t.shape[-1] for s, n in zip(t.stride(), t.shape)]
+    """A 4-D TMA descriptor over t [B, H, T, D] loading [1, 1, rows, D] boxes. A zero stride (a dim of size 1
+    left by broadcasting) becomes the one a contiguous tensor would have: TMA takes no zero stride."""
+    strides = list(t.stride())
+    for i in (2, 1, 0):
+        if strides[i] == 0:
+            strides[i] = strides[i + 1] * t.shape[i + 1]
     return TensorDescriptor(t, list(t.shape), strides, [1, 1, rows, t.shape[-1]], _BOX_LAYOUT)
 
 

@@ -142,7 +142,7 @@ def test_warp_specialized_kernel_gpu(poison, batch, seq_q, seq_k, causal, head_d
 def test_gluon_kernel_gpu(poison, batch, q_heads, kv_heads, seq_q, seq_k, causal, dtype):
     assert torch.cuda.get_device_capability() == (9, 0), "the Gluon kernel is for sm_90 (the H200)"
     q = torch.randn(batch, q_heads, seq_q, 128, device="cuda", dtype=dtype)
-    kv = q[:, :kv_heads, :1].expand(batch, kv_heads, seq_k, 128)
+    kv = torch.randn(batch, kv_heads, seq_k, 128, device="cuda", dtype=dtype)
     assert flash_attention_hopper.choose(q, kv, kv, causal) == "gluon", "flash_attention would not take the Gluon kernel here"
     for token_major in (False, True):
         run_ws(batch, q_heads, kv_heads, seq_q, seq_k, 128, causal, dtype, token_major, name="gluon")
