@@ -151,23 +151,32 @@ def bench_norm(ceilings) -> list:
     return rows
 
 
-def run(ceilings) -> list:
-    """Every case, each row tagged with its table ("prefill", "decode", "norm")."""
+TABLES = ("prefill", "prefill_dims", "decode", "norm")
+
+
+def run(ceilings, tables=TABLES) -> list:
+    """The cases of `tables` (all by default), each row tagged with its table."""
     rows = []
-    for table, bench in (("prefill", bench_prefill), ("prefill_dims", bench_prefill_head_dims), ("decode", bench_decode),
-                         ("norm", bench_norm)):
-        rows += [{"table": table, **row} for row in bench(ceilings)]
+    benches = {"prefill": bench_prefill, "prefill_dims": bench_prefill_head_dims, "decode": bench_decode, "norm": bench_norm}
+    for table in tables:
+        rows += [{"table": table, **row} for row in benches[table](ceilings)]
         torch.cuda.empty_cache()
     return rows
 
 
 if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tables", default=",".join(TABLES), help=f"comma-separated, from {', '.join(TABLES)}")
+    tables = parser.parse_args().tables.split(",")
     ceilings = measure_ceilings()
     print(header(ceilings), flush=True)
-    rows = run(ceilings)
+    rows = run(ceilings, tables)
     for table, title in (("prefill", "prefill attention, causal, D=128, bf16, 32 heads (ours vs best SDPA)"),
                          ("prefill_dims", "prefill attention, causal, other head dims, bf16 (ours vs best SDPA)"),
                          ("decode", "paged decode attention, 32 q / 8 kv heads, D=128, bf16, block 16"),
                          ("norm", "residual add + RMSNorm (+ int8 per-token quant), bf16")):
         part = [r for r in rows if r["table"] == table]
-        print_table(title, [c for c in part[0] if c != "table"], part)
+        if part:
+            print_table(title, [c for c in part[0] if c != "table"], part)

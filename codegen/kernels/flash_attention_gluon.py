@@ -10,8 +10,8 @@ Each 128-row tile of one head runs in three warp-specialized partitions:
   softmax of block j runs while PV is still on the tensor cores (FA3's intra-warp-group overlap).
   Between consumers, an mbarrier pair passes a turn so that one group issues its GEMMs while the other
   does its softmax (FA3's ping-pong).
-The grid is one program per SM; programs claim 128-row tiles in order from a global counter as they free
-up (heads outermost, so programs running together share K/V in L2; the longest causal tiles of a head
+The grid is one program per SM; programs claim 128-row tiles in order from a global counter (zeroed before
+each launch) as they free up (heads outermost, so programs running together share K/V in L2; the longest causal tiles of a head
 first), and the producer loads the next tile's Q and K/V while the consumers finish the last one.
 Blocks wholly visible to every row of the tile skip the mask; the rest apply the causal and key limits.
 Rows and keys past the end load as zeros (TMA descriptors made on the host over [B, H, T, D]); the
@@ -56,13 +56,10 @@ def _blocks(start_m, seq_k, shift, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, CA
 
 
 @gluon.jit
-def _claim_tile(counter_ptr, num_tiles):
-    """The next tile, in order, to whichever program frees up first. Each program's last claim is past the
-    end; the launch's very last claim resets the counter for the next launch."""
-    t = gl.atomic_add(counter_ptr, 1)
-    if t == num_tiles + gl.num_programs(0) - 1:
-        gl.atomic_xchg(counter_ptr, 0)
-    return t
+def _claim_tile(counter_ptr):
+    """The next tile, in order, to whichever program frees up first (the host zeroes the counter before
+    each launch: a reset by the launch's last claim hung on the H200 with Triton 3.6)."""
+    return gl.atomic_add(counter_ptr, 1)
 
 
 @gluon.jit
@@ -92,7 +89,7 @@ def _producer(descs, buffers, bars, scalars, GROUP: gl.constexpr, CAUSAL: gl.con
     num_bh = num_tiles // num_m_blocks
     it = 0  # key blocks loaded so far, over all tiles
     tiles_done = 0
-    t = _claim_tile(counter_ptr, num_tiles)
+    t = _claim_tile(counter_ptr)
     while t < num_tiles:
         b, h, start_m = _tile(t, num_bh, num_q_heads, num_m_blocks, 2 * rows)
         n_blocks, n_full = _blocks(start_m, seq_k, shift, rows, block_n, CAUSAL)
@@ -114,7 +111,7 @@ def _producer(descs, buffers, bars, scalars, GROUP: gl.constexpr, CAUSAL: gl.con
                                             v_smem.index(slot).reshape([1, 1, block_n, head_dim]))
             it += 1
         tiles_done += 1
-        t = _claim_tile(counter_ptr, num_tiles)
+        t = _claim_tile(counter_ptr)
     for half in gl.static_range(2):  # tell the consumers there is no more work
         mbarrier.wait(q_empty.index(half), (tiles_done & 1) ^ 1)
     _post_tile(tile_ids, tiles_done, t)
@@ -261,7 +258,7 @@ def _flash_attention_gluon_kernel(
     ], [4, 1], [240, 24])  # the consumers get 240 registers, the producer 24
 
 
-_counters = {}  # (device index, stream) -> int32 [1]: the tile counter, which every launch leaves at 0
+_counters = {}  # (device index, stream) -> int32 [1]: the tile counter
 
 
 def _descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
@@ -288,7 +285,8 @@ def flash_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out
     key = (q.device.index, torch.cuda.current_stream(q.device).cuda_stream)  # launches on one stream never overlap
     counter = _counters.get(key)
     if counter is None:
-        counter = _counters[key] = torch.zeros(1, dtype=torch.int32, device=q.device)
+        counter = _counters[key] = torch.empty(1, dtype=torch.int32, device=q.device)
+    counter.zero_()  # in stream order, so CUDA graphs replay it too
     _flash_attention_gluon_kernel[(programs, )](
         _descriptor(q, ROWS_PER_GROUP), _descriptor(k, BLOCK_N), _descriptor(v, BLOCK_N),
         out, out.stride(0), out.stride(1), out.stride(2),

@@ -150,16 +150,14 @@ def test_gluon_kernel_gpu(poison, batch, q_heads, kv_heads, seq_q, seq_k, causal
 
 @pytest.mark.gpu
 @needs_cuda
-def test_gluon_kernel_reads_kv_broadcast_over_heads_and_leaves_its_tile_counter_at_zero(poison):
+def test_gluon_kernel_reads_kv_broadcast_over_heads_and_runs_again(poison):
     q = torch.randn(2, 8, 700, 128, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(2, 1, 900, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     k_wide, v_wide = k.expand(2, 8, 900, 128), v.expand(2, 8, 900, 128)  # as the lowered models pass GQA K/V
     ref = torch.ops.llmopt.attention(q, k, v, None, 0.1, True)
-    for _ in range(3):  # a counter left past zero would make the next launch skip tiles
+    for _ in range(3):  # a tile counter not zeroed between launches would make the next one skip tiles
         out = flash_attention(q, k_wide, v_wide, 0.1, True, kernel="gluon")
         assert_close(out, ref, torch.bfloat16)
-    from llmopt.codegen.kernels import flash_attention_gluon as gluon_kernel
-    assert all(int(c.item()) == 0 for c in gluon_kernel._counters.values())
 
 
 @pytest.mark.gpu
