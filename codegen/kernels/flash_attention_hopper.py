@@ -4,8 +4,8 @@ Entry points:
 - `choose(q, k, v, causal, kernel="auto") -> "gluon" | "warp_specialized" | None`: the Hopper kernel
   `flash_attention` takes for these operands (None: the portable kernel). Both need an sm_90 GPU,
   fp16/bf16, head dim 128, no mask, every query row seeing a key, TMA-aligned strides; "auto" prefers
-  the Gluon kernel (`flash_attention_gluon`, FlashAttention-3's schedule written by hand: 1.1-1.4x this
-  module's kernel on the H200, see benchmarks/RESULTS.md), then this module's;
+  the Gluon kernel (`flash_attention_gluon`, FlashAttention-3's schedule written by hand: 1.22-1.29x
+  this module's kernel on the H200, see benchmarks/RESULTS.md), then this module's;
 - `run(name, q, k, v, out, scale, causal) -> out`;
 - `flash_attention_ws(q [B, Hq, T, D], k [B, Hkv, S, D], v, out [B, Hq, T, D], scale, causal) -> out`.
 
