@@ -150,9 +150,14 @@ def _matches_portable_kernel(name, device, dtype, head_dim, causal) -> bool:
     from llmopt.codegen.kernels.flash_attention import flash_attention
 
     gen = torch.Generator(device=device).manual_seed(0)
-    seq_q, seq_k = (200, 330) if causal else (200, 460)  # partial 128-row tiles at both ends; GQA 4:1
-    q = torch.randn(2, 4, seq_q, head_dim, device=device, dtype=dtype, generator=gen)
-    k, v = (torch.randn(2, 1, seq_k, head_dim, device=device, dtype=dtype, generator=gen) for _ in range(2))
+    # partial 128-row tiles at both ends, GQA 4:1; on a GPU 144 tiles, so the Gluon kernel's programs (one an SM)
+    # each take several; under the interpreter (tests on CPU) a small case
+    seq_q, seq_k = (1100, 1230) if causal else (1100, 1360)
+    heads = 8
+    if triton.knobs.runtime.interpret:
+        seq_q, seq_k, heads = seq_q // 5, seq_k // 5, 4
+    q = torch.randn(2, heads, seq_q, head_dim, device=device, dtype=dtype, generator=gen)
+    k, v = (torch.randn(2, heads // 4, seq_k, head_dim, device=device, dtype=dtype, generator=gen) for _ in range(2))
     scale = head_dim**-0.5
     ref = flash_attention(q, k, v, scale, causal, kernel="portable").float()
     label = {"gluon": "Gluon", "warp_specialized": "warp-specialized"}[name]
