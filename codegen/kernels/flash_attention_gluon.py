@@ -261,6 +261,14 @@ def _flash_attention_gluon_kernel(
 _counters = {}  # (device index, stream) -> int32 [1]: the tile counter
 
 
+def one_head_if_broadcast(k: torch.Tensor, v: torch.Tensor):
+    """k/v [B, Hkv, S, D] -> the same, as one KV head where both are broadcast over heads (stride 0: the same
+    K/V for every head, as the lowered models pass GQA); otherwise unchanged."""
+    if k.stride(1) == 0 and v.stride(1) == 0:
+        return k[:, :1], v[:, :1]
+    return k, v
+
+
 def _descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
     """A 4-D TMA descriptor over t [B, H, T, D] loading [1, 1, rows, D] boxes. A zero stride (a dim of size 1
     left by broadcasting) becomes the one a contiguous tensor would have: TMA takes no zero stride."""
@@ -276,8 +284,7 @@ def flash_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out
     """q [B, Hq, T, 128], k/v [B, Hkv, S, 128] (fp16/bf16, TMA-ready strides: `tma_ready`), out [B, Hq, T, 128]
     (any strides) -> out, written. K/V broadcast over heads (stride 0) are read as one head."""
     batch, num_q_heads, seq_q, head_dim = q.shape
-    if k.stride(1) == 0 and v.stride(1) == 0:  # the same K/V for every head
-        k, v = k[:, :1], v[:, :1]
+    k, v = one_head_if_broadcast(k, v)
     num_kv_heads, seq_k = k.shape[1], k.shape[2]
     num_m_blocks = triton.cdiv(seq_q, 2 * ROWS_PER_GROUP)
     num_tiles = num_m_blocks * batch * num_q_heads

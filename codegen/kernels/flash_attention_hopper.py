@@ -110,7 +110,7 @@ def _gluon_ready(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     nonzero stride, except K/V broadcast over heads (both), which it reads as one head."""
     if flash_attention_gluon is None or (k.stride(1) == 0) != (v.stride(1) == 0):
         return False
-    k, v = (k[:, :1], v[:, :1]) if k.stride(1) == 0 else (k, v)
+    k, v = flash_attention_gluon.one_head_if_broadcast(k, v)
     return all(s > 0 for t in (q, k, v) for s, n in zip(t.stride(), t.shape) if n > 1)
 
 
