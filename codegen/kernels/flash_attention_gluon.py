@@ -251,6 +251,7 @@ def _flash_attention_gluon_kernel(
     bars = (q_ready, q_empty, k_ready, v_ready, kv_empty, turn, tile_ids)
     scalars = (out_ptr, stride_ob, stride_oh, stride_ot, seq_q, seq_k, num_q_heads, group, qk_scale, num_m_blocks, num_tiles,
                counter_ptr)
+    # every partition takes the same arguments (Gluon's rule for worker partitions), each using what it needs
     gl.warp_specialize([
         (_consumer, (descs, buffers, bars, scalars, 0, CAUSAL)),
         (_consumer, (descs, buffers, bars, scalars, 1, CAUSAL)),
