@@ -44,8 +44,10 @@ import torch
 from torch.fx import GraphModule, Node
 
 from llmopt.errors import PassError
+from llmopt.passes.awq_tune import tune_stage
 from llmopt.passes.compress.awq import MAX_TOKENS, search_awq_clip, search_awq_scales
 from llmopt.passes.compress.gptq import gptq_quantize
+from llmopt.passes.compress.learned_rounding import STEPS
 from llmopt.passes.compress.rtn import quantize_groups
 from llmopt.passes.rtn import (
     all_finite,
@@ -58,6 +60,10 @@ from llmopt.passes.rtn import (
 )
 from llmopt.passes_api import Pass, PassResult
 from llmopt.producers import fold_scales, input_groups
+from llmopt.program import Program
+
+ROUNDINGS = ("nearest", "gptq", "learned")
+TUNE_CHUNK_TOKENS = 1024  # calibration tokens a chunk with learned rounding: one signed-gradient step reads one chunk
 
 
 @dataclass
@@ -114,12 +120,13 @@ class StagedRun:
     """The Program run over the calibration chunks in segments, keeping per chunk only the values
     live at the cut (the first node not yet run)."""
 
-    def __init__(self, program, calibration):
+    def __init__(self, program, calibration, chunk_rows: int = None):
+        """`chunk_rows`: calibration rows (sequences) a chunk; the calibration's batch size by default."""
         self.program = program
         ids_node, pos_node = program.nodes("placeholder")
         self.envs = []
         for batch in calibration.batches:
-            for ids in batch.split(calibration.batch_size):  # ids: [b, T]
+            for ids in batch.split(chunk_rows or calibration.batch_size):  # ids: [b, T]
                 ids = ids.to(program.device)
                 pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids).contiguous()
                 self.envs.append({ids_node: ids, pos_node: pos})
@@ -129,7 +136,7 @@ class StagedRun:
         """Run every chunk up to (not including) `start`; keep the values used from `start` on."""
         order, nodes = self._order()
         segment = nodes[order[self.cut] : order[start]]
-        live = {n for n in nodes[: order[start]] if n.op != "get_attr" and any(order[u] >= order[start] for u in n.users)}
+        live = set(self.live_at(start))
         for i, env in enumerate(self.envs):
             self.envs[i] = self._execute(env, segment, live)  # env is consumed
         self.cut = start
@@ -154,17 +161,29 @@ class StagedRun:
                 rows[v].append(x[pick].float())
         return {v: torch.cat(r)[:max_rows] for v, r in rows.items()}
 
+    def segment(self, index: int, end: Node, weights: dict, keep: set) -> dict:
+        """Run chunk `index` from the cut to `end` (not included) with the weights of the get_attr nodes in
+        `weights` replaced (gradients flow into them) -> {node: value} of the nodes in `keep`; the cut stays."""
+        order, nodes = self._order()
+        return self._execute(dict(self.envs[index]), nodes[order[self.cut] : order[end]], keep, weights, grad=True)
+
+    def live_at(self, node: Node) -> list:
+        """The values computed before `node` that it or a later node reads (what a chunk keeps at that cut)."""
+        order, nodes = self._order()
+        return [n for n in nodes[: order[node]] if n.op != "get_attr" and any(order[u] >= order[node] for u in n.users)]
+
     def _order(self):
         nodes = list(self.program.graph.nodes)
         return {n: i for i, n in enumerate(nodes)}, nodes
 
-    def _execute(self, values: dict, segment: list, keep: set) -> dict:
-        """Run `segment` on one chunk's `values` (consumed) -> {node: value} of the nodes in `keep`.
-        A value is dropped after its last use in the segment, as eager mode does, so memory holds
-        little more than what is live."""
+    def _execute(self, values: dict, segment: list, keep: set, weights: dict = None, grad: bool = False) -> dict:
+        """Run `segment` on one chunk's `values` (consumed) -> {node: value} of the nodes in `keep`, with the
+        get_attr nodes in `weights` reading those tensors instead, under autograd if `grad`. A value is dropped
+        after its last use in the segment, as eager mode does, so memory holds little more than what is live."""
         last_use = {a: i for i, n in enumerate(segment) for a in n.all_input_nodes}
         values.update({n: self.program.get_weight(n) for n in self.program.nodes("get_attr")})
-        with torch.no_grad():
+        values.update(weights or {})
+        with torch.set_grad_enabled(grad):
             for i, n in enumerate(segment):
                 if n.op == "call_function":
                     args, kwargs = torch.fx.node.map_arg((n.args, n.kwargs), values.__getitem__)
@@ -224,16 +243,19 @@ class AWQ(Pass):
 
     def __init__(self, bits: int = 4, group_size: int = 128, grid: int = 20, symmetric: bool = False,
                  max_rows: int = MAX_TOKENS, include_lm_head: bool = False, duo_scaling: bool = True,
-                 separate_clip: bool = True, clip_sweeps: int = 3, rounding: str = "nearest", gqa_vo: bool = False):
+                 separate_clip: bool = True, clip_sweeps: int = 3, rounding: str = "nearest", gqa_vo: bool = False,
+                 tune_steps: int = STEPS):
         check_bits(bits, "AWQ")
         if grid < 1 or max_rows < 1:
             raise PassError(f"AWQ: grid={grid} and max_rows={max_rows} must be >= 1 (defaults 20 and {MAX_TOKENS})")
         if clip_sweeps < 0:
             raise PassError(f"AWQ: clip_sweeps={clip_sweeps} must be >= 0 (0: each group's clip by its own error)")
-        if rounding not in ("nearest", "gptq"):
-            raise PassError(f"AWQ: rounding={rounding!r} is not supported; use 'nearest' (the paper's) or 'gptq'")
+        if rounding not in ROUNDINGS:
+            raise PassError(f"AWQ: rounding={rounding!r} is not supported; use 'nearest' (the paper's), 'gptq' or 'learned'")
+        if tune_steps < 0:
+            raise PassError(f"AWQ: tune_steps={tune_steps} must be >= 0 (the signed-gradient steps of rounding='learned')")
         self.bits, self.group_size, self.grid, self.symmetric = bits, group_size, grid, symmetric
-        self.rounding = rounding
+        self.rounding, self.tune_steps = rounding, tune_steps
         self.max_rows, self.include_lm_head, self.duo_scaling = max_rows, include_lm_head, duo_scaling
         self.separate_clip, self.clip_sweeps, self.gqa_vo = separate_clip, clip_sweeps, gqa_vo
 
@@ -249,12 +271,26 @@ class AWQ(Pass):
         groups = [g for g in input_groups(program, self.include_lm_head) if any(c.node in targets for c in g.consumers)]
         backup, finished = _snapshot(program), False
         scaled, quantized = [], []  # scaled: [(InputGroup, AwqScales)]; quantized: [(Linear, QuantizedWeight)]
+        tuned = []  # [TunedStage | None] per stage, with rounding="learned"
         try:
-            run = StagedRun(program, calibration)
-            for stage in plan_stages(program, groups, targets, self.gqa_vo):
+            learned = self.rounding == "learned"
+            chunk_rows = max(1, TUNE_CHUNK_TOKENS // calibration.batches[0].shape[1]) if learned else None
+            run = StagedRun(program, calibration, chunk_rows)
+            reference = StagedRun(Program(backup, program.config, program.max_seq_len), calibration, chunk_rows) if learned else None
+            stages = plan_stages(program, groups, targets, self.gqa_vo)
+            for i, stage in enumerate(stages):
                 run.advance(stage.start)
                 rows = run.sample({g.value: g.name for g in stage.groups}, self.max_rows)
-                scaled += self._quantize_stage(program, stage, rows, targets, quantized)
+                entries = []  # [(Linear, float weight, QuantizedWeight)]
+                scaled += self._quantize_stage(program, stage, rows, targets, entries)
+                if learned:
+                    end = stages[i + 1].start if i + 1 < len(stages) else _block_end(program, targets)
+                    tuned.append(tune_stage(run, reference, end, entries, self.tune_steps))
+                    if tuned[-1] is not None:
+                        entries = [(lin, None, qw) for lin, qw in tuned[-1].quantized]
+                        for lin, _, qw in entries:
+                            program.set_weight(lin.weight, qw.dequantize())
+                quantized += [(lin, qw) for lin, _, qw in entries]
             for lin, qw in quantized:
                 to_linear_wq(program, lin, qw)
             program.remove_unused_weights()
@@ -275,13 +311,19 @@ class AWQ(Pass):
             # the chosen scale's output error over plain RTN's (s = 1) on the search's objective, <= 1
             "error_vs_rtn": [float(found.errors.min() / found.errors[0, 0]) for _, found in scaled],
         }
+        if self.rounding == "learned":
+            stats["stages_tuned"] = sum(1 for t in tuned if t is not None and t.accepted)
+            stats["stages_not_tunable"] = sum(1 for t in tuned if t is None)
+            # per stage, the block's loss after tuning over before (1.0: not tuned or not accepted)
+            stats["tune_loss_ratio"] = [t.loss_after / t.loss_before if t is not None and t.accepted else 1.0 for t in tuned]
         return PassResult(program, bool(quantized), stats)
 
-    def _quantize_stage(self, program, stage, rows, targets, quantized: list) -> list:
+    def _quantize_stage(self, program, stage, rows, targets, entries: list) -> list:
         """Scale every group of the stage (folding s unless the search picked plain α = 0, i.e. s = 1), then
         clip-search and quantize its linears; each gets its dequantized weight (what linear_wq computes
         with: later stages are calibrated on the quantized model without the op's per-call unpacking)
-        and an entry in `quantized`. -> [(group, AwqScales)] of the groups searched."""
+        and an entry (Linear, float weight, QuantizedWeight) in `entries`. -> [(group, AwqScales)] of the
+        groups searched. Learned rounding starts from round to nearest."""
         inputs, scaled = [], []  # inputs: [(Linear, x [n, K] as the linear now sees it)]
         for g in stage.groups:
             x = rows[g.value]  # [n, K]
@@ -304,5 +346,13 @@ class AWQ(Pass):
             else:
                 qw = quantize_groups(w, self.bits, self.group_size, self.symmetric, clip)
             program.set_weight(lin.weight, qw.dequantize())
-            quantized.append((lin, qw))
+            entries.append((lin, w, qw))
         return scaled
+
+
+def _block_end(program, targets) -> Node:
+    """Where the last stage's block ends: at the lm head when it stays in float, else at the graph's output."""
+    head = program.lm_head()
+    if head is not None and head.node not in targets:
+        return head.node
+    return next(n for n in program.graph.nodes if n.op == "output")

@@ -22,7 +22,7 @@ from peft import LoraConfig, get_peft_model
 import llmopt
 from llmopt.calibration import Calibration
 from llmopt.errors import PassError
-from llmopt.passes import AWQ, RTN, W8A8, MagnitudePrune, MergeLoRAQuantized, Smooth, SmoothQuant, Wanda
+from llmopt.passes import AWQ, RTN, W8A8, FuseAttention, MagnitudePrune, MergeLoRAQuantized, Smooth, SmoothQuant, Wanda
 from llmopt.passes.awq import StagedRun, plan_stages
 from llmopt.passes.compress import quantize_groups
 from llmopt.passes.merge_lora_quantized import lora_branch_linears
@@ -124,6 +124,7 @@ PASSES = {
     "smoothquant_search_static": (lambda g: SmoothQuant("search", activations="per_tensor_static"), 0.08),
     "rtn": (lambda g: RTN(4, g), 0.4),
     "awq": (lambda g: AWQ(4, g), 0.4),
+    "awq_learned": (lambda g: AWQ(4, g, rounding="learned", tune_steps=4), 0.4),
     "wanda_2of4": (lambda g: Wanda(0.5, "2:4"), None),
     "magnitude": (lambda g: MagnitudePrune(0.5), None),
 }
@@ -246,6 +247,32 @@ def test_awq_gptq_rounding_keeps_the_search_and_lowers_the_calibration_error():
     assert rel_error(gptq.program, program, ids) < rel_error(nearest.program, program, ids)
 
 
+def test_awq_learned_rounding_lowers_the_error_of_every_block_and_of_the_logits():
+    program, _, ids = reference(layers=2)
+    calib = Calibration([ids], progress=False)
+    held_out = torch.randint(0, 4096, (4, 64), generator=torch.Generator().manual_seed(9))
+    nearest = AWQ(4, 128, grid=10)(program.copy(), calib)
+    learned = AWQ(4, 128, grid=10, rounding="learned", tune_steps=20)(program.copy(), calib)
+    stages = len(learned.stats["tune_loss_ratio"])
+    assert stages == 6  # per layer: q/k/v, o (v -> o is not scaled under GQA), gate/up + down
+    assert learned.stats["stages_tuned"] == stages and learned.stats["stages_not_tunable"] == 0
+    assert all(r < 1 for r in learned.stats["tune_loss_ratio"])
+    assert learned.stats["alphas"][0] == nearest.stats["alphas"][0]  # the first search sees the same inputs
+    for ids_ in (ids, held_out):
+        assert rel_error(learned.program, program, ids_) < rel_error(nearest.program, program, ids_)
+    learned.program.verify()
+
+
+def test_awq_learned_rounding_leaves_blocks_with_custom_ops_to_round_to_nearest():
+    config, _, program = family("llama")
+    out = AWQ(4, group_size_for(program), rounding="learned", tune_steps=2)(FuseAttention()(program.copy()).program,
+                                                                           calibration(config.vocab_size))
+    # the q/k/v blocks hold llmopt.attention, which has no gradient; the MLP blocks are tuned
+    assert out.stats["stages_not_tunable"] == config.num_hidden_layers
+    assert out.stats["stages_not_tunable"] + out.stats["stages_tuned"] <= len(out.stats["tune_loss_ratio"])
+    assert rel_error(out.program, program, inputs(config.vocab_size)) < 0.4
+
+
 def test_awq_gqa_vo_scales_v_to_o_by_folding_into_v():
     program, _, ids = reference(layers=2)  # 6 query heads on 2 KV heads
     calib = Calibration([ids], progress=False)
@@ -328,10 +355,11 @@ def test_wanda_beats_magnitude_under_outliers():
     assert wanda < magnitude
 
 
-def test_wanda_2of4_then_awq_keeps_the_pattern():
+@pytest.mark.parametrize("rounding", ["nearest", "learned"])
+def test_wanda_2of4_then_awq_keeps_the_pattern(rounding):
     config, _, program = family("llama")
     g = group_size_for(program)
-    out = run([Wanda(0.5, "2:4"), AWQ(4, g)], program.copy(), calibration(config.vocab_size))
+    out = run([Wanda(0.5, "2:4"), AWQ(4, g, rounding=rounding, tune_steps=10)], program.copy(), calibration(config.vocab_size))
     quantized = [lin for lin in out.linears() if lin.kind == "wq"]
     assert len(quantized) == len(program.linears()) - 1
     for lin in quantized:
@@ -432,7 +460,8 @@ def test_bits_outside_3_4_8_refused(make):
 
 @pytest.mark.parametrize("kwargs, message", [({"grid": 0}, "grid=0"), ({"max_rows": 0}, "max_rows=0"),
                                              ({"clip_sweeps": -1}, "clip_sweeps=-1 must be >= 0"),
-                                             ({"rounding": "stochastic"}, "rounding='stochastic' is not supported")])
+                                             ({"rounding": "stochastic"}, "rounding='stochastic' is not supported"),
+                                             ({"tune_steps": -1}, "tune_steps=-1 must be >= 0")])
 def test_awq_search_settings_out_of_range_refused(kwargs, message):
     with pytest.raises(PassError, match=message):
         AWQ(bits=4, **kwargs)
