@@ -1,5 +1,5 @@
 """`AWQ(bits=4, group_size=128, grid=20, symmetric=False, max_rows=4096, include_lm_head=False, duo_scaling=True,
-separate_clip=True, clip_sweeps=3, rounding="nearest", gqa_vo=False)`:
+separate_clip=True, clip_sweeps=3, rounding="learned", gqa_vo=False, tune_steps=50)`:
 activation-aware weight quantization (Lin et al. 2023) into `torch.ops.llmopt.linear_wq`. Lossy.
 
 For each input group (`llmopt.producers.input_groups`: q/k/v after the attention norm, gate/up after
@@ -17,10 +17,13 @@ scale node; v→o under GQA only with `gqa_vo=True`, see the class docstring):
    clip is first chosen by its own share of the output error, then `clip_sweeps` sweeps of
    coordinate descent over each row's groups re-choose it by the row's whole output error (the
    cross-group terms the per-group error leaves out);
-3. quantize as RTN does, with that clip (`compress.quantize_groups`), or with `rounding="gptq"`
-   round by GPTQ's error feedback on the same calibration rows under the same group ranges
-   (`compress.gptq_quantize`; the AWQ paper notes the two combine); the linears become `linear_wq`
-   at the end (`rtn.to_linear_wq`), holding their dequantized weights until then.
+3. quantize: round to nearest with that clip (`compress.quantize_groups`, `rounding="nearest"`: the
+   paper's AWQ), then by default (`rounding="learned"`) tune the rounding and group scales of the
+   stage's linears together by SignRound on the stage's block of the graph against the float model's
+   outputs (`awq_tune.tune_stage`, see below); or with `rounding="gptq"` round by GPTQ's error
+   feedback on the same calibration rows under the same group ranges (`compress.gptq_quantize`; the
+   AWQ paper notes the two combine); the linears become `linear_wq` at the end (`rtn.to_linear_wq`),
+   holding their dequantized weights until then.
 
 Calibration runs layer by layer, in one staged pass over the calibration chunks rather than one
 calibrator run per layer (L forward passes) or one run sampling every group up front (which can't
@@ -33,8 +36,15 @@ a. advance: run every chunk from the cut to the stage's start, with the earlier 
    sequential order; like AutoAWQ but with quantized, not float, earlier layers);
 b. sample: run on to the stage's inputs, keeping at most `max_rows` rows per group, drawn evenly
    from every chunk (the searches subsample to that many anyway);
-c. search, fold, clip and quantize the stage's linears.
-Each node runs once per chunk, the stages' own segments twice: about 1.5 forward passes in all.
+c. search, fold, clip and quantize the stage's linears;
+d. with learned rounding, tune them on the stage's block (from the stage's start to the next stage's):
+   the inputs are the chunks as the cut keeps them, the targets the float model's values at the
+   block's end, run by a second staged run over the Program as it was (so each block also corrects
+   what the quantized blocks before it left in its inputs); chunks then hold TUNE_CHUNK_TOKENS tokens,
+   one signed-gradient step reading one chunk.
+Each node runs once per chunk, the stages' own segments twice: about 1.5 forward passes in all; learned
+rounding adds the float run (one forward pass) and `tune_steps` forward and backward passes of one chunk
+through every block.
 NaN/Inf calibration activations raise a PassError; on any failure the Program is restored as it was
 before the pass (weights are replaced, never written in place, so the restore copies no tensor).
 """
@@ -63,7 +73,9 @@ from llmopt.producers import fold_scales, input_groups
 from llmopt.program import Program
 
 ROUNDINGS = ("nearest", "gptq", "learned")
-TUNE_CHUNK_TOKENS = 1024  # calibration tokens a chunk with learned rounding: one signed-gradient step reads one chunk
+# calibration tokens a chunk with learned rounding (one signed-gradient step reads one chunk): on the reference
+# model 512 closed 67-77% of RTN's gap at w4 over three calibration draws in 49 s, 1024 70-80% in 68 s (RESULTS.md)
+TUNE_CHUNK_TOKENS = 512
 
 
 @dataclass
@@ -231,6 +243,18 @@ class AWQ(Pass):
     6-7 points more of RTN's gap on average over three calibration draws, with a spread of -12 to +18;
     on the whole test set 39% / 53% (reference w4 / w3) and 68% / 65% (outliers) against 34 / 45 / 69 / 61%.
 
+    `rounding="learned"` (the default) tunes, after the searches, each stage's codes and group scales by
+    SignRound (`compress.learned_rounding`): an offset in [-0.5, 0.5] per weight before rounding and a
+    multiplier in [0.5, 1.5] per group scale, `tune_steps` signed-gradient steps on the error of the stage's
+    block outputs against the float model's, kept only where that error fell. Why: on the reference model,
+    which has no salient activation channels, the scale search has almost nothing to do (its best scale
+    lowers the per-linear error by under 2%), and every per-linear objective tried (the searches, GPTQ,
+    bias correction, least-squares scales) left perplexity where it was; what the model loses is the
+    error of whole blocks through softmax and SiLU·up, and of the earlier quantized layers in their
+    inputs. On the first 300 WikiText-2 test windows it closed 67-77% of RTN's gap at w4 over three
+    calibration draws, against 10-41% for round to nearest (benchmarks/RESULTS.md has the whole test set).
+    `rounding="nearest"` is the paper's AWQ.
+
     `gqa_vo=True` searches v→o under GQA too, with one scale per v channel (its o_proj inputs tied), folded
     into v's rows; off by default, as AutoAWQ leaves it out. On the reference model (6 query heads on 2 KV
     heads) it lowered o_proj's output error by 0-8% but closed 23 / 43 / 68 / 60% of RTN's gap on the
@@ -243,7 +267,7 @@ class AWQ(Pass):
 
     def __init__(self, bits: int = 4, group_size: int = 128, grid: int = 20, symmetric: bool = False,
                  max_rows: int = MAX_TOKENS, include_lm_head: bool = False, duo_scaling: bool = True,
-                 separate_clip: bool = True, clip_sweeps: int = 3, rounding: str = "nearest", gqa_vo: bool = False,
+                 separate_clip: bool = True, clip_sweeps: int = 3, rounding: str = "learned", gqa_vo: bool = False,
                  tune_steps: int = STEPS):
         check_bits(bits, "AWQ")
         if grid < 1 or max_rows < 1:

@@ -123,8 +123,8 @@ PASSES = {
     "w8a8": (lambda g: W8A8(), 0.08),
     "smoothquant_search_static": (lambda g: SmoothQuant("search", activations="per_tensor_static"), 0.08),
     "rtn": (lambda g: RTN(4, g), 0.4),
-    "awq": (lambda g: AWQ(4, g), 0.4),
-    "awq_learned": (lambda g: AWQ(4, g, rounding="learned", tune_steps=4), 0.4),
+    "awq_nearest": (lambda g: AWQ(4, g, rounding="nearest"), 0.4),
+    "awq_learned": (lambda g: AWQ(4, g, tune_steps=4), 0.4),  # the default rounding, few steps
     "wanda_2of4": (lambda g: Wanda(0.5, "2:4"), None),
     "magnitude": (lambda g: MagnitudePrune(0.5), None),
 }
@@ -218,7 +218,7 @@ def _rel_sq(x, ref) -> float:
 def test_awq_error_at_most_rtn_on_the_reference_model_layers():
     program, _, ids = reference(layers=2)
     calib = Calibration([ids], progress=False)
-    awq = run([AWQ(4, 128, grid=10)], program.copy(), calib)
+    awq = run([AWQ(4, 128, grid=10, rounding="nearest")], program.copy(), calib)
     rtn = run([RTN(4, 128)], program.copy())
     exact, a, r = (_linear_outputs(p, ids) for p in (program, awq, rtn))
     # what each block adds to the residual stream (o_proj, down_proj outputs), measured on the calibration
@@ -235,7 +235,7 @@ def test_awq_error_at_most_rtn_on_the_reference_model_layers():
 def test_awq_gptq_rounding_keeps_the_search_and_lowers_the_calibration_error():
     program, _, ids = reference(layers=2)
     calib = Calibration([ids], progress=False)
-    nearest = AWQ(4, 128, grid=10, clip_sweeps=0)(program.copy(), calib)
+    nearest = AWQ(4, 128, grid=10, clip_sweeps=0, rounding="nearest")(program.copy(), calib)
     gptq = AWQ(4, 128, grid=10, clip_sweeps=0, rounding="gptq")(program.copy(), calib)
     # the first group's search sees the same inputs either way (later ones see the quantized earlier layers)
     assert nearest.stats["alphas"][0] == gptq.stats["alphas"][0]
@@ -251,8 +251,8 @@ def test_awq_learned_rounding_lowers_the_error_of_every_block_and_of_the_logits(
     program, _, ids = reference(layers=2)
     calib = Calibration([ids], progress=False)
     held_out = torch.randint(0, 4096, (4, 64), generator=torch.Generator().manual_seed(9))
-    nearest = AWQ(4, 128, grid=10)(program.copy(), calib)
-    learned = AWQ(4, 128, grid=10, rounding="learned", tune_steps=20)(program.copy(), calib)
+    nearest = AWQ(4, 128, grid=10, rounding="nearest")(program.copy(), calib)
+    learned = AWQ(4, 128, grid=10, tune_steps=20)(program.copy(), calib)
     stages = len(learned.stats["tune_loss_ratio"])
     assert stages == 6  # per layer: q/k/v, o (v -> o is not scaled under GQA), gate/up + down
     assert learned.stats["stages_tuned"] == stages and learned.stats["stages_not_tunable"] == 0
@@ -265,7 +265,7 @@ def test_awq_learned_rounding_lowers_the_error_of_every_block_and_of_the_logits(
 
 def test_awq_learned_rounding_leaves_blocks_with_custom_ops_to_round_to_nearest():
     config, _, program = family("llama")
-    out = AWQ(4, group_size_for(program), rounding="learned", tune_steps=2)(FuseAttention()(program.copy()).program,
+    out = AWQ(4, group_size_for(program), tune_steps=2)(FuseAttention()(program.copy()).program,
                                                                            calibration(config.vocab_size))
     # the q/k/v blocks hold llmopt.attention, which has no gradient; the MLP blocks are tuned
     assert out.stats["stages_not_tunable"] == config.num_hidden_layers
@@ -276,9 +276,9 @@ def test_awq_learned_rounding_leaves_blocks_with_custom_ops_to_round_to_nearest(
 def test_awq_gqa_vo_scales_v_to_o_by_folding_into_v():
     program, _, ids = reference(layers=2)  # 6 query heads on 2 KV heads
     calib = Calibration([ids], progress=False)
-    default = AWQ(4, 128, grid=10)(program.copy(), calib).stats
+    default = AWQ(4, 128, grid=10, rounding="nearest")(program.copy(), calib).stats
     assert not any(name.endswith("o_proj") for name in default["groups"])  # AutoAWQ's choice: v→o left out under GQA
-    stats = AWQ(4, 128, grid=10, gqa_vo=True)(program.copy(), calib).stats
+    stats = AWQ(4, 128, grid=10, gqa_vo=True, rounding="nearest")(program.copy(), calib).stats
     o_groups = [i for i, name in enumerate(stats["groups"]) if name.endswith("o_proj")]
     assert len(o_groups) == 2  # searched in both layers, with one scale per v channel
     assert stats["scale_nodes_inserted"] == 0  # folded into v_proj's rows
