@@ -2,7 +2,7 @@
 # What the GPU machine checks, in calls that each fit the device tool's 10-minute limit.
 # Usage (on the H200): bash benchmarks/gpu_run.sh OUT_DIR [tests|kernels|all] [e2e layers]
 #   tests:   every `gpu` test, then benchmarks/e2e.py           (about 8 minutes)
-#   kernels: benchmarks/kernels.py (GEMM, attention, norm, 2:4)  (about 5 minutes)
+#   kernels: benchmarks/bench_kernels.py (GEMM, attention, norm, 2:4)  (about 5 minutes)
 # Writes OUT_DIR/gpu_tests.log, e2e.log, kernels.log and results.md (the tables, for RESULTS.md).
 set -u
 out=${1:-/tmp/llmopt-gpu}
@@ -21,7 +21,7 @@ if [ "$stage" = tests ] || [ "$stage" = all ]; then
   grep -v Warning "$out/e2e.log" | tail -12
 fi
 if [ "$stage" = kernels ] || [ "$stage" = all ]; then
-  timeout 500 python3 benchmarks/kernels.py > "$out/kernels.log" 2>&1
+  timeout 500 python3 benchmarks/bench_kernels.py > "$out/kernels.log" 2>&1
   echo "kernels exit $?" >> "$out/kernels.log"
   grep -v Warning "$out/kernels.log" | tail -60
 fi

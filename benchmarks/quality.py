@@ -42,13 +42,15 @@ RECIPES = {  # row label -> the pass list
     "W8A8 naive (per-tensor static act.)": lambda: [W8A8(activations="per_tensor_static")],
     "SmoothQuant W8A8 (α 0.5, per-tensor static act.)": lambda: [SmoothQuant(alpha=0.5, activations="per_tensor_static")],
     "RTN w4g128": lambda: [RTN(bits=4, group_size=128)],
-    "AWQ w4g128": lambda: [AWQ(bits=4, group_size=128)],
+    "AWQ w4g128": lambda: [AWQ(bits=4, group_size=128)],  # the default: learned rounding
+    "AWQ w4g128, round to nearest": lambda: [AWQ(bits=4, group_size=128, rounding="nearest")],  # the paper's
     "AWQ w4g128, GPTQ rounding": lambda: [AWQ(bits=4, group_size=128, rounding="gptq")],
     "RTN w3g128": lambda: [RTN(bits=3, group_size=128)],
     "AWQ w3g128": lambda: [AWQ(bits=3, group_size=128)],
+    "AWQ w3g128, round to nearest": lambda: [AWQ(bits=3, group_size=128, rounding="nearest")],
     "AWQ w3g128, GPTQ rounding": lambda: [AWQ(bits=3, group_size=128, rounding="gptq")],
-    "AWQ w4g128, v→o under GQA": lambda: [AWQ(bits=4, group_size=128, gqa_vo=True)],
-    "AWQ w3g128, v→o under GQA": lambda: [AWQ(bits=3, group_size=128, gqa_vo=True)],
+    "AWQ w4g128, round to nearest, v→o under GQA": lambda: [AWQ(bits=4, group_size=128, rounding="nearest", gqa_vo=True)],
+    "AWQ w3g128, round to nearest, v→o under GQA": lambda: [AWQ(bits=3, group_size=128, rounding="nearest", gqa_vo=True)],
     "magnitude 50%": lambda: [MagnitudePrune(sparsity=0.5)],
     "Wanda 50%": lambda: [Wanda(sparsity=0.5)],
     "magnitude 2:4": lambda: [MagnitudePrune(sparsity=0.5, pattern="2:4")],
@@ -173,7 +175,7 @@ def target_checks(rows: dict) -> list:
             if fp and rtn and awq:
                 closed = (rtn - awq) / (rtn - fp) if rtn != fp else float("nan")
                 checks.append((closed >= 0.6, f"AWQ closes ≥ 60% of RTN's gap at w{bits}g128 ({m}): {closed:.0%} (RTN {rtn:.3f}, AWQ {awq:.3f}, FP32 {fp:.3f})"))
-            for option in ("GPTQ rounding", "v→o under GQA"):  # options beyond the paper's AWQ: reported, not targets
+            for option in ("round to nearest", "GPTQ rounding", "round to nearest, v→o under GQA"):  # other roundings: reported, not targets
                 other = ppl(m, f"AWQ w{bits}g128, {option}")
                 if fp and rtn and other and rtn != fp:
                     checks.append((None, f"AWQ with {option} closes {(rtn - other) / (rtn - fp):.0%} of RTN's gap at w{bits}g128 ({m}): {other:.3f}"))
