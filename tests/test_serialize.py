@@ -80,11 +80,11 @@ def test_exact_passes_round_trip_bit_identical(smoothed, saved):
 
 LOSSY = {
     "rtn_w4": lambda: [RTN(bits=4, group_size=32)],
-    "awq_w4": lambda: [AWQ(bits=4, group_size=32, grid=4)],
-    "awq_w3": lambda: [AWQ(bits=3, group_size=32, grid=4)],
+    "awq_w4": lambda: [AWQ(bits=4, group_size=32, grid=4, tune_steps=4)],  # learned rounding, few steps
+    "awq_w3": lambda: [AWQ(bits=3, group_size=32, grid=4, tune_steps=4)],  # learned rounding, few steps
     "w8a8_per_token": lambda: [W8A8()],
     "smoothquant_static": lambda: [SmoothQuant(alpha=0.5, activations="per_tensor_static")],
-    "wanda_2_4_then_awq": lambda: [Wanda(sparsity=0.5, pattern="2:4"), AWQ(bits=4, group_size=32, grid=4)],
+    "wanda_2_4_then_awq": lambda: [Wanda(sparsity=0.5, pattern="2:4"), AWQ(bits=4, group_size=32, grid=4, tune_steps=4)],
 }
 
 
