@@ -18,7 +18,7 @@ from llmopt.codegen.kernels.w4a16_gemm import linear_wq
 from llmopt.ops.linear_wq import dequantize_groups, pack_int4
 
 BATCHES = [1, 16, 64]
-SWEEP = [(bn, sk, st) for bn, sk, st in itertools.product([64, 128], [1, 2, 4, 8], [4, 8])]  # BLOCK_N, SPLIT_K, STAGES
+SWEEP = [(bn, sk, st) for bn, sk, st in itertools.product([64, 128], [1, 2, 4, 8], [3, 4, 6])]  # BLOCK_N, SPLIT_K, STAGES
 COLUMNS = ["M", "N x K", "bf16 us", "triton us", "gluon us", "gluon vs bf16", "gluon vs triton", "gluon GB/s",
            "% BW", "best sweep us", "best vs bf16", "best config", "rel err"]
 

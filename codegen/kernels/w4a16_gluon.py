@@ -145,6 +145,7 @@ def _epilogue(acc_smem, b_ptr, y_ptr, ws_ptr, count_ptr, M, N, stride_ym, SPLIT_
     offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout))  # [BLOCK_N]
     offs_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, layout))  # [BLOCK_M]
     mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
+    _cta_barrier()  # the consumer's whole tile is in shared memory before any thread reads it back
     acc = acc_smem.load(layout)
     if SPLIT_K > 1:
         ws_tile = ws_ptr + offs_m[None, :] * N + offs_n[:, None]  # [BLOCK_N, BLOCK_M] of ws [SPLIT_K, M, N]
