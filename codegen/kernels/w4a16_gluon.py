@@ -140,7 +140,8 @@ def _epilogue(acc_smem, b_ptr, y_ptr, ws_ptr, count_ptr, M, N, stride_ym, SPLIT_
     Split-K: each program publishes its partial; the last of an output tile's splits sums them all and stores y."""
     BLOCK_N: gl.constexpr = acc_smem.shape[0]
     BLOCK_M: gl.constexpr = acc_smem.shape[1]
-    layout: gl.constexpr = gl.BlockedLayout([1, 1], [32, 1], [gl.num_warps(), 1], [0, 1])  # rows across lanes
+    # the consumer's own layout: read back in another one, the tile came back wrong with Triton 3.6 on the H100
+    layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16])
     pid_n = gl.program_id(0)
     offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout))  # [BLOCK_N]
     offs_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, layout))  # [BLOCK_M]
