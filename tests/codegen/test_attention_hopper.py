@@ -45,6 +45,15 @@ def test_warp_specialized_kernel_matches_the_reference(poison, batch, q_heads, k
 def test_the_first_use_check_accepts_a_matching_kernel_and_rejects_a_wrong_or_failing_one(monkeypatch):
     check = flash_attention_hopper._matches_portable_kernel
     assert check("warp_specialized", torch.device(DEVICE), torch.float16, 64, True)
+    # the rejections below do not depend on how the check's reference output is computed (an all-ones output
+    # is far from any correct attention; a kernel that raises is never compared): the interpreted portable
+    # kernel, seconds a call on CPU, is swapped for the reference op it is tested against
+    if DEVICE == "cpu":
+        import sys
+
+        portable = sys.modules[flash_attention.__module__]  # the module (the package exports its function by the same name)
+        monkeypatch.setattr(portable, "flash_attention", lambda q, k, v, scale, causal, mask=None, kernel="auto":
+                            torch.ops.llmopt.attention(q, k, v, mask, scale, causal))
     wrong = lambda q, k, v, out, scale, causal: out.fill_(1.0)  # noqa: E731
     monkeypatch.setattr(flash_attention_hopper, "_run_gluon", wrong)
     with pytest.warns(RuntimeWarning, match="Gluon attention kernel gives a relative error .* not using it"):
