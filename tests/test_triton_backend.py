@@ -19,10 +19,10 @@ from llmopt.testing import FAMILIES, build_model, config_strategy
 @pytest.mark.parametrize("family", FAMILIES)
 def test_triton_backend_matches_torch(family, data):
     config = data.draw(config_strategy(family))
-    model = build_model(config)
+    program = llmopt.capture(build_model(config))  # captured once (seconds on CPU), compiled for both backends
     ids = torch.randint(0, config.vocab_size, (2, 7))
-    reference = llmopt.compile(model, passes=[FuseAttention()], backend="torch")
-    lowered = llmopt.compile(model, passes=[FuseAttention()], backend="triton")
+    reference = llmopt.compile(program.copy(), passes=[FuseAttention()], backend="torch")
+    lowered = llmopt.compile(program, passes=[FuseAttention()], backend="triton")
     assert lowered.backend == "triton"
     # fp32 everywhere; kernels reorder sums (online softmax), so agreement is to fp32 rounding
     torch.testing.assert_close(lowered(ids), reference(ids), rtol=1e-4, atol=1e-4)
@@ -38,9 +38,9 @@ def test_explicit_positions_run_the_attention_kernel_with_the_mask(monkeypatch):
     masks = []
     flash = kernels.flash_attention
     monkeypatch.setattr(kernels, "flash_attention", lambda q, k, v, scale, causal, mask=None: masks.append(mask) or flash(q, k, v, scale, causal, mask))
-    model = build_model(tiny_config("llama"))
-    reference = llmopt.compile(model, passes=[FuseAttention()], backend="torch")
-    lowered = llmopt.compile(model, passes=[FuseAttention()], backend="triton")
+    program = llmopt.capture(build_model(tiny_config("llama")))  # captured once, compiled for both backends
+    reference = llmopt.compile(program.copy(), passes=[FuseAttention()], backend="torch")
+    lowered = llmopt.compile(program, passes=[FuseAttention()], backend="triton")
     ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(2))
     pos = torch.arange(9).expand(2, 9) + torch.tensor([[0], [5]])  # the second row continues at position 5
     torch.testing.assert_close(lowered(ids, pos), reference(ids, pos), rtol=1e-4, atol=1e-4)
