@@ -20,3 +20,24 @@ def shared() -> Path:
     if not SHARED.is_dir():
         pytest.fail(f"../shared not found at {SHARED}: tests read the reference model and data from there")
     return SHARED
+
+
+def pytest_collection_finish(session):
+    """Starts the child processes of the selected tests that declare them (tests/background.py)."""
+    if session.config.option.collectonly:
+        return
+    from tests import background
+
+    jobs = []
+    for item in session.items:
+        declared = getattr(getattr(item, "module", None), "BACKGROUND", {})
+        job = declared.get(getattr(item, "originalname", item.name))
+        if job is not None and job not in jobs and not item.get_closest_marker("skip"):
+            jobs.append(job)
+    background.start(jobs)
+
+
+def pytest_sessionfinish(session):
+    from tests import background
+
+    background.stop()

@@ -7,12 +7,15 @@ are checked there in fp16. The interpreter does not run Gluon: on CPU the Gluon 
 sm_90 with the installed Triton and its partitions are checked in the compiler's output. The `gpu` tests
 run both in bf16/fp16 on the H200, where `flash_attention` takes the Gluon kernel by default.
 """
+import sys
+
 import pytest
 import torch
 
 import llmopt.ops  # noqa: F401  (registers torch.ops.llmopt.attention)
 from llmopt.codegen.kernels import flash_attention_hopper
 from llmopt.codegen.kernels.flash_attention import flash_attention
+from tests.background import Job
 from tests.codegen.test_attention_kernels import DEVICE, assert_close, needs_cuda
 
 
@@ -96,18 +99,20 @@ print(json.dumps({"ttgir": compiled.asm["ttgir"], "shared": compiled.metadata.sh
                   "wgmma": compiled.asm["ptx"].count("wgmma.mma_async")}))
 """
 
+# the compile runs in a child process (started when the tests are collected: tests/background.py)
+BACKGROUND = {
+    "test_gluon_kernel_compiles_for_hopper_into_a_producer_and_two_consumers":
+        Job([sys.executable, "-c", _COMPILE_GLUON_FOR_SM90], env_update={"TRITON_INTERPRET": "0"}, timeout=600),
+}
+
 
 def test_gluon_kernel_compiles_for_hopper_into_a_producer_and_two_consumers():
     """The Gluon source against the installed Triton (its API moves between releases), compiled for sm_90 on
     any machine: one producer warp and two 4-warp consumer groups issuing asynchronous wgmma. In a child
     process, since this suite runs Triton's interpreter, which does not compile."""
     import json
-    import os
-    import subprocess
-    import sys
 
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    done = subprocess.run([sys.executable, "-c", _COMPILE_GLUON_FOR_SM90], env=env, capture_output=True, text=True, timeout=600)
+    done = BACKGROUND["test_gluon_kernel_compiles_for_hopper_into_a_producer_and_two_consumers"].result()
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     ttgir = result["ttgir"]
