@@ -41,3 +41,15 @@ def pytest_sessionfinish(session):
     from tests import background
 
     background.stop()
+
+
+@pytest.fixture(scope="session")
+def reference_model(shared):
+    """(model, Program): the reference model (fp32, eval) and its capture, loaded and captured once a session
+    (a 6-layer torch.export takes seconds on CPU). Tests must not change either: passes run on `.copy()`."""
+    from transformers import AutoModelForCausalLM
+
+    import llmopt
+
+    model = AutoModelForCausalLM.from_pretrained(shared / "models" / "ref-llama-12m", dtype=torch.float32).eval()
+    return model, llmopt.capture(model)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from transformers import AutoTokenizer, LlamaConfig
 from transformers.modeling_outputs import CausalLMOutput
 
 import llmopt
@@ -47,12 +47,11 @@ def test_capture_matches_eager_for_any_batch_and_length(family, data):
         torch.testing.assert_close(got, eager_logits(model, input_ids, position_ids), rtol=1e-5, atol=1e-5)
 
 
-def test_reference_model_captures_and_matches(shared):
-    model = AutoModelForCausalLM.from_pretrained(shared / "models" / "ref-llama-12m", dtype=torch.float32)
+def test_reference_model_captures_and_matches(shared, reference_model):
+    model, program = reference_model  # from_pretrained, then llmopt.capture: once a session (tests/conftest.py)
     tokenizer = AutoTokenizer.from_pretrained(shared / "models" / "ref-llama-12m")
     text = ["The king spoke to the people of the city about the war.", "It was a dark and stormy night; the rain fell."]
     input_ids = torch.tensor([ids[:10] for ids in tokenizer(text)["input_ids"]])  # [2, 10]
-    program = llmopt.capture(model)
     assert program.max_seq_len == model.config.max_position_embeddings
     assert len(program.linears()) == 7 * model.config.num_hidden_layers + 1
     torch.testing.assert_close(program.run(input_ids), eager_logits(model, input_ids), rtol=1e-5, atol=1e-5)

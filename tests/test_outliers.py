@@ -1,6 +1,4 @@
 """inject_outliers keeps the function and makes a few norm channels `factor` times larger."""
-from pathlib import Path
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -11,7 +9,6 @@ from llmopt.calibration import Calibration
 from llmopt.producers import input_groups
 from llmopt.testing import any_config, build_model, inject_outliers
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 FACTOR, CHANNELS = 30.0, 6
 
 
@@ -47,11 +44,8 @@ def absmax_ratios(program, ids) -> list:
 
 
 @pytest.fixture(scope="module")
-def reference():
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(SHARED / "models" / "ref-llama-12m", dtype=torch.float32).eval()
-    return model, llmopt.capture(model)
+def reference(reference_model):
+    return reference_model  # (model, its Program), captured once a session (tests/conftest.py)
 
 
 def test_reference_model_function_kept_and_outliers_appear(reference):

@@ -24,6 +24,13 @@ def tiny_llama(tie: bool) -> torch.nn.Module:
     return build_model(config, seed=1)
 
 
+@pytest.fixture(scope="module")
+def untied():
+    """The capture of tiny_llama(tie=False), once a module: tests compile copies of it (what
+    llmopt.compile(tiny_llama(tie=False)) would capture again, seconds each on CPU)."""
+    return llmopt.capture(tiny_llama(tie=False))
+
+
 def calibration(vocab=96) -> torch.Tensor:
     return torch.randint(0, vocab, (4, 16), generator=torch.Generator().manual_seed(0))
 
@@ -89,8 +96,8 @@ LOSSY = {
 
 
 @pytest.mark.parametrize("recipe", LOSSY)
-def test_lossy_passes_round_trip_bit_identical(recipe, tmp_path):
-    cm = llmopt.compile(tiny_llama(tie=False), passes=LOSSY[recipe](), calibration=calibration(), backend="torch")
+def test_lossy_passes_round_trip_bit_identical(recipe, untied, tmp_path):
+    cm = llmopt.compile(untied.copy(), passes=LOSSY[recipe](), calibration=calibration(), backend="torch")
     quantized = {lin.kind for lin in cm.program.linears()} - {"dense"}
     assert len(quantized) == 1  # the recipe did rewrite linears into an llmopt op
     cm.save(tmp_path)
@@ -118,21 +125,18 @@ def test_manifest_and_tied_weights_stored_once(smoothed, saved):
     assert loaded.get_weight(alias) is loaded.get_weight(name)
 
 
-def test_program_saves_and_loads_for_more_passes(tmp_path):
+def test_program_saves_and_loads_for_more_passes(untied, tmp_path):
     """A loaded Program is a full Program: passes run on it as on the captured one."""
-    merged = llmopt.compile(tiny_llama(tie=False), passes=[MergeLoRA()], backend="torch")
+    merged = llmopt.compile(untied.copy(), passes=[MergeLoRA()], backend="torch")
     llmopt.save(merged.program, tmp_path)
     resumed = llmopt.compile(llmopt.load(tmp_path).program, passes=[Smooth(alpha=0.5)], calibration=calibration())
-    direct = llmopt.compile(tiny_llama(tie=False), passes=[MergeLoRA(), Smooth(alpha=0.5)], calibration=calibration())
+    direct = llmopt.compile(untied.copy(), passes=[MergeLoRA(), Smooth(alpha=0.5)], calibration=calibration())
     assert_same_logits(direct, resumed)
     assert resumed.program.recipe == direct.program.recipe
 
 
-def test_reference_model_round_trip(tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(SHARED / "models" / "ref-llama-12m", dtype=torch.float32).eval()
-    cm = llmopt.compile(model, backend="torch")
+def test_reference_model_round_trip(reference_model, tmp_path):
+    cm = llmopt.compile(reference_model[1].copy(), backend="torch")  # the session's capture (tests/conftest.py)
     cm.save(tmp_path)
     assert_same_logits(cm, llmopt.load(tmp_path), vocab=4096)
 
@@ -245,8 +249,8 @@ def test_save_refuses_options_json_cannot_hold(smoothed, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_save_over_an_earlier_save(saved):
-    other = llmopt.compile(tiny_llama(tie=False), backend="torch")
+def test_save_over_an_earlier_save(saved, untied):
+    other = llmopt.compile(untied.copy(), backend="torch")
     (saved / "tokenizer.json").write_text("{}")  # files llmopt did not write stay
     other.save(saved)
     assert_same_logits(other, llmopt.load(saved))
@@ -254,8 +258,8 @@ def test_save_over_an_earlier_save(saved):
 
 
 # ---- command line ----------------------------------------------------------------------------------
-def test_cli_compile_then_generate(tmp_path, capsys):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def test_cli_compile_then_generate(reference_model, tmp_path, capsys):
+    from transformers import AutoTokenizer
 
     from llmopt.cli import main
     from llmopt.data import calibration_batches
@@ -270,9 +274,9 @@ def test_cli_compile_then_generate(tmp_path, capsys):
     printed = capsys.readouterr().out.strip()
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     calib = calibration_batches(text, tokenizer, n_samples=4, seq_len=64)
-    cm = llmopt.compile(model, passes=[MergeLoRA(), Smooth(alpha=0.5)], calibration=calib, backend="torch")
+    # the session's capture of the same model directory (tests/conftest.py), as the command captured it
+    cm = llmopt.compile(reference_model[1].copy(), passes=[MergeLoRA(), Smooth(alpha=0.5)], calibration=calib, backend="torch")
     ids = torch.tensor([tokenizer("The king said")["input_ids"]])
     expected = tokenizer.decode(cm.generate(ids, max_new_tokens=12, eos_token_id=tokenizer.eos_token_id)[0], skip_special_tokens=True)
     assert printed == expected and printed.startswith("The king said") and len(printed) > len("The king said")
