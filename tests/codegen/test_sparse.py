@@ -30,11 +30,21 @@ def tiny_llama(hidden: int = 64, layers: int = 2, vocab: int = 128):
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
 
 
+_CAPTURED = {}
+
+
+def captured(config, dtype=torch.float32, device="cpu"):
+    """llmopt.capture(build_model(config, dtype)) once a module per (config, dtype, device): a copy each call."""
+    key = (config.to_json_string(), dtype, str(device))
+    if key not in _CAPTURED:
+        _CAPTURED[key] = llmopt.capture(build_model(config, dtype=dtype).to(device))
+    return _CAPTURED[key].copy()
+
+
 def pruned(passes, config=None, dtype=torch.float32, device="cpu"):
     config = config or tiny_llama()
-    model = build_model(config, dtype=dtype).to(device)
     calib = Calibration([torch.randint(0, config.vocab_size, (4, 32), device=device)], progress=False)
-    return llmopt.compile(model, passes=passes, calibration=calib, backend="torch").program
+    return llmopt.compile(captured(config, dtype, device), passes=passes, calibration=calib, backend="torch").program
 
 
 # ---- the rule, on fake devices ---------------------------------------------------------------------
@@ -144,16 +154,15 @@ def test_rewrite_swaps_linears_and_leaves_the_program_alone(wanda_2of4):
 
 def test_triton_lowering_on_cpu_stays_dense_and_says_why():
     config = tiny_llama()
-    model = build_model(config)
     calib = Calibration([torch.randint(0, config.vocab_size, (4, 32))], progress=False)
-    lowered = llmopt.compile(model, passes=[Wanda(0.5, "2:4")], calibration=calib, backend="triton")
+    lowered = llmopt.compile(captured(config), passes=[Wanda(0.5, "2:4")], calibration=calib, backend="triton")
     reference = llmopt.compile(lowered.program, backend="torch")
     ids = torch.randint(0, config.vocab_size, (2, 7))
     torch.testing.assert_close(lowered(ids), reference(ids), rtol=1e-4, atol=1e-4)  # fp32 kernels vs reference
     report = lowered.report()
     assert "2:4 sparse linears: 0 of 14 on torch's semi-structured kernels" in report
     assert "- kept dense, 14 x on cpu: torch's semi-structured kernels are CUDA-only" in report
-    assert "2:4 sparse" not in llmopt.compile(model, backend="triton").report()  # nothing pruned: no line
+    assert "2:4 sparse" not in llmopt.compile(captured(config), backend="triton").report()  # nothing pruned: no line
 
 
 # ---- on the GPU ---------------------------------------------------------------------------------------
