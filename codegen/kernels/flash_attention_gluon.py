@@ -15,7 +15,10 @@ each launch) as they free up (heads outermost, so programs running together shar
 first), and the producer loads the next tile's Q and K/V while the consumers finish the last one.
 Blocks wholly visible to every row of the tile skip the mask; the rest apply the causal and key limits.
 Rows and keys past the end load as zeros (TMA descriptors made on the host over [B, H, T, D]); the
-output is stored from registers, rows past the end masked.
+output is stored from registers, rows past the end masked, as 16-byte vectors: a transpose within each quad of
+lanes (`_columns_per_thread`, shuffles, no shared memory: none is left) gives each thread 8 consecutive columns
+instead of the wgmma layout's pairs. With the store masked off entirely, the kernel ran 14% faster at 1k tokens
+(H100, session 13); the 16-byte stores got back 7% there, 4% at 2k (benchmarks/RESULTS.md).
 Measured on the H200 against a one-tile-per-program grid, a static round-robin persistent grid, 2 stages
 and no ping-pong (benchmarks/RESULTS.md, session 11): this configuration was best or within noise.
 """
@@ -133,6 +136,56 @@ def _scores_to_probabilities(s, j, n_full, last_key, m_i, l_i, qk_scale, block_n
     return p, alpha, m_new, l_i
 
 
+@gluon.constexpr_function
+def _store_layout(rows, head_dim):
+    """The output tile [rows, head_dim] with each warp on the rows it holds in the wgmma layout (16 a warp), each
+    thread on 8 consecutive columns: a conversion within quads of lanes, no shared memory (there is none to spare)."""
+    reg = [[0, 1], [0, 2], [0, 4], [8, 0]] + [[0, 32 << i] for i in range((head_dim // 32).bit_length() - 1)]
+    return gl.DistributedLinearLayout(reg_bases=reg, lane_bases=[[0, 8], [0, 16], [1, 0], [2, 0], [4, 0]],
+                                      warp_bases=[[16, 0], [32, 0]], block_bases=[], shape=[rows, head_dim])
+
+
+@gluon.jit
+def _swap_pairs(x, dim: gl.constexpr):
+    """x [rows, r, 2, 2, 4] -> the same with the two halves of dim 2 or 3 swapped (a relabelling of registers).
+    Literal permutations: Triton 3.6 takes no computed ones."""
+    if dim == 3:
+        a, b = gl.split(gl.permute(x, (0, 1, 2, 4, 3)))
+        return gl.permute(gl.join(b, a), (0, 1, 2, 4, 3))
+    else:
+        a, b = gl.split(gl.permute(x, (0, 1, 3, 4, 2)))
+        return gl.permute(gl.join(b, a), (0, 1, 4, 2, 3))
+
+
+@gluon.jit
+def _columns_per_thread(out, rows: gl.constexpr, head_dim: gl.constexpr, o_layout: gl.constexpr):
+    """out [rows, head_dim] (16-bit) in the wgmma accumulator layout, where lane c of a quad holds the column
+    pairs 32r + 8j + 2c + {0, 1} (j = 0..3) -> the same values relabelled so that a thread holds 8 consecutive
+    columns (32r + 8c + 0..7), for 16-byte stores instead of 4-byte ones.
+    A 4x4 transpose of (c, j) within each quad of lanes, on the pairs as 32-bit words: two butterfly rounds of
+    shuffles (lane bit b against j's bit b), then a relabelling (a permute of the c and j bits of the column)."""
+    lo, hi = gl.split(gl.reshape(out, [rows, head_dim // 2, 2]))
+    words = gl.inline_asm_elementwise("mov.b32 $0, {$1, $2};", "=r,h,h", [lo, hi], dtype=gl.int32, is_pure=True,
+                                      pack=1)  # [rows, head_dim // 2]: word 16r + 4j + c
+    word_layout: gl.constexpr = words.type.layout
+    idx = gl.arange(0, head_dim // 2, layout=gl.SliceLayout(0, word_layout))[None, :]  # [1, head_dim // 2]
+    groups: gl.constexpr = head_dim // 32
+    for b in gl.static_range(2):
+        x5 = gl.reshape(words, [rows, groups, 2, 2, 4])  # dims (rows, r, j1, j0, c); j's bit b is dim 3 - b
+        send = gl.convert_layout(gl.reshape(_swap_pairs(x5, 3 - b), [rows, head_dim // 2]), word_layout,
+                                 assert_trivial=True)  # every thread sends its slot j ^ 2**b
+        got = gl.inline_asm_elementwise(f"shfl.sync.bfly.b32 $0, $1, {1 << b}, 0x1f, 0xffffffff;", "=r,r",
+                                        [send], dtype=gl.int32, is_pure=True, pack=1)
+        keep = ((idx >> (2 + b)) & 1) == ((idx >> b) & 1)  # slot j's bit b is the lane's own
+        words = gl.where(keep, words, got)
+    lo, hi = gl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [words], dtype=(gl.int16, gl.int16),
+                                       is_pure=True, pack=1)
+    out = gl.reshape(gl.join(lo, hi), [rows, head_dim]).to(out.dtype, bitcast=True)
+    # now lane c, slot j holds columns 32r + 8c + 2j + {0, 1}: swap the c and j fields of the labels
+    out = gl.permute(gl.reshape(out, [rows, groups, 4, 4, 2]), (0, 1, 3, 2, 4))
+    return gl.reshape(out, [rows, head_dim])
+
+
 @gluon.jit
 def _consumer(descs, buffers, bars, scalars, GROUP: gl.constexpr, CAUSAL: gl.constexpr):
     q_smem, k_smem, v_smem = buffers
@@ -149,7 +202,7 @@ def _consumer(descs, buffers, bars, scalars, GROUP: gl.constexpr, CAUSAL: gl.con
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
     o_row_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
-    o_col_layout: gl.constexpr = gl.SliceLayout(0, o_layout)
+    store_layout: gl.constexpr = _store_layout(rows, head_dim)
     shift = seq_k - seq_q
     num_bh = num_tiles // num_m_blocks
     q = q_smem.index(GROUP)  # [rows, D]
@@ -203,10 +256,12 @@ def _consumer(descs, buffers, bars, scalars, GROUP: gl.constexpr, CAUSAL: gl.con
         mbarrier.arrive(kv_empty.index(last % stages), count=1)
 
         out = acc / gl.convert_layout(l_i, o_row_layout)[:, None]  # [rows, D]
-        out_rows = start_m + GROUP * rows + gl.arange(0, rows, layout=o_row_layout)
-        cols = gl.arange(0, head_dim, layout=o_col_layout)
+        out = gl.convert_layout(_columns_per_thread(out.to(dtype), rows, head_dim, o_layout),
+                                store_layout, assert_trivial=True)  # 8 consecutive columns a thread
+        out_rows = start_m + GROUP * rows + gl.arange(0, rows, layout=gl.SliceLayout(1, store_layout))
+        cols = gl.arange(0, head_dim, layout=gl.SliceLayout(0, store_layout))
         base = out_ptr + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
-        gl.store(base + out_rows.to(gl.int64)[:, None] * stride_ot + cols[None, :], out.to(dtype),
+        gl.store(base + out_rows.to(gl.int64)[:, None] * stride_ot + cols[None, :], out,
                  mask=(out_rows < seq_q)[:, None])
         it += n_blocks
         tiles_done += 1
