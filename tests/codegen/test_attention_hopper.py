@@ -82,6 +82,7 @@ def test_flash_attention_kernel_choice_is_checked():
 
 _COMPILE_GLUON_FOR_SM90 = """
 import json
+import re
 from triton.backends.compiler import GPUTarget
 from triton.compiler import compile as triton_compile
 from triton.experimental.gluon._runtime import GluonASTSource
@@ -93,10 +94,13 @@ sig = {name: "i32" for name in kernel.arg_names}
 sig.update(desc_q=f"tensordesc<bf16[1, 1, 64, 128],{layout}>", desc_k=f"tensordesc<bf16[1, 1, 128, 128],{layout}>",
            desc_v=f"tensordesc<bf16[1, 1, 128, 128],{layout}>", out_ptr="*bf16", counter_ptr="*i32", qk_scale="fp32",
            CAUSAL="constexpr", STAGES="constexpr")
-source = GluonASTSource(kernel, sig, {"CAUSAL": True, "STAGES": gluon_kernel.STAGES}, {})
+# 16-byte aligned output pointer and strides, as the launcher specializes them for a contiguous bf16 tensor
+aligned = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in ("out_ptr", "stride_ob", "stride_oh", "stride_ot")}
+source = GluonASTSource(kernel, sig, {"CAUSAL": True, "STAGES": gluon_kernel.STAGES}, aligned)
 compiled = triton_compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": 168})
+ptx = compiled.asm["ptx"]
 print(json.dumps({"ttgir": compiled.asm["ttgir"], "shared": compiled.metadata.shared,
-                  "wgmma": compiled.asm["ptx"].count("wgmma.mma_async")}))
+                  "wgmma": ptx.count("wgmma.mma_async"), "stores": re.findall(r"st\.global[.a-z0-9:]*", ptx)}))
 """
 
 # the compile runs in a child process (started when the tests are collected: tests/background.py)
@@ -108,7 +112,8 @@ BACKGROUND = {
 
 def test_gluon_kernel_compiles_for_hopper_into_a_producer_and_two_consumers():
     """The Gluon source against the installed Triton (its API moves between releases), compiled for sm_90 on
-    any machine: one producer warp and two 4-warp consumer groups issuing asynchronous wgmma. In a child
+    any machine: one producer warp and two 4-warp consumer groups issuing asynchronous wgmma, storing the output
+    as 16-byte vectors. In a child
     process, since this suite runs Triton's interpreter, which does not compile."""
     import json
 
@@ -120,6 +125,9 @@ def test_gluon_kernel_compiles_for_hopper_into_a_producer_and_two_consumers():
     assert "num_warps(4)" in ttgir and "num_warps(1)" in ttgir  # the second consumer group and the producer
     assert result["shared"] <= 227 * 1024  # the H200's shared memory per block
     assert result["wgmma"] >= 16  # QKᵀ and PV, 64-row tiles, both consumers
+    # the output leaves as 16-byte vectors (8 consecutive columns a thread, `_columns_per_thread`): 8 a thread
+    # for a consumer's 64 x 128 tile, both consumers
+    assert result["stores"] == ["st.global.v4.b32"] * 16, result["stores"]
 
 
 def test_gluon_path_takes_broadcast_kv_heads_only_when_both_are():
