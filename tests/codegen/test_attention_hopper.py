@@ -100,7 +100,7 @@ source = GluonASTSource(kernel, sig, {"CAUSAL": True, "STAGES": gluon_kernel.STA
 compiled = triton_compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": 168})
 ptx = compiled.asm["ptx"]
 print(json.dumps({"ttgir": compiled.asm["ttgir"], "shared": compiled.metadata.shared,
-                  "wgmma": ptx.count("wgmma.mma_async"), "stores": re.findall(r"st\.global[.a-z0-9:]*", ptx)}))
+                  "wgmma": ptx.count("wgmma.mma_async"), "stores": re.findall("st[.]global[.a-z0-9:]*", ptx)}))
 """
 
 # the compile runs in a child process (started when the tests are collected: tests/background.py)
