@@ -83,8 +83,8 @@ def capture(model: torch.nn.Module, example_inputs=None) -> Program:
     program = Program(gm, config=config, max_seq_len=max_len)
     _canonicalize_conv1d(program)
     _remove_identities(program)
-    program.recompile()
-    program.verify()
+    program.gm.recompile()
+    program.verify()  # lints and re-derives the shapes too (Program.recompile would derive them twice)
     return program
 
 
