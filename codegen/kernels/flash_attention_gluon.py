@@ -158,7 +158,7 @@ def _swap_pairs(x, dim: gl.constexpr):
 
 
 @gluon.jit
-def _columns_per_thread(out, rows: gl.constexpr, head_dim: gl.constexpr, o_layout: gl.constexpr):
+def _columns_per_thread(out, rows: gl.constexpr, head_dim: gl.constexpr):
     """out [rows, head_dim] (16-bit) in the wgmma accumulator layout, where lane c of a quad holds the column
     pairs 32r + 8j + 2c + {0, 1} (j = 0..3) -> the same values relabelled so that a thread holds 8 consecutive
     columns (32r + 8c + 0..7), for 16-byte stores instead of 4-byte ones.
@@ -256,7 +256,7 @@ def _consumer(descs, buffers, bars, scalars, GROUP: gl.constexpr, CAUSAL: gl.con
         mbarrier.arrive(kv_empty.index(last % stages), count=1)
 
         out = acc / gl.convert_layout(l_i, o_row_layout)[:, None]  # [rows, D]
-        out = gl.convert_layout(_columns_per_thread(out.to(dtype), rows, head_dim, o_layout),
+        out = gl.convert_layout(_columns_per_thread(out.to(dtype), rows, head_dim),
                                 store_layout, assert_trivial=True)  # 8 consecutive columns a thread
         out_rows = start_m + GROUP * rows + gl.arange(0, rows, layout=gl.SliceLayout(1, store_layout))
         cols = gl.arange(0, head_dim, layout=gl.SliceLayout(0, store_layout))
