@@ -22,14 +22,16 @@ BACKGROUND = {
 }
 
 
-def run_example(name, *args) -> str:
-    done = next(job for job in BACKGROUND.values() if job.args[1:] == [str(ROOT / "examples" / name), *args]).result()
-    assert done.returncode == 0, f"{name} exited with {done.returncode}:\n{done.stdout}\n{done.stderr[-4000:]}"
+def run_example(test_name) -> str:
+    """The stdout of the example `test_name` checks (its run in BACKGROUND), which must have exited with 0."""
+    done = BACKGROUND[test_name].result()
+    script = Path(done.args[1]).name
+    assert done.returncode == 0, f"{script} exited with {done.returncode}:\n{done.stdout}\n{done.stderr[-4000:]}"
     return done.stdout
 
 
 def test_quickstart():
-    out = run_example("quickstart.py")
+    out = run_example("test_quickstart")
     assert "| MergeLoRA |" in out and "lora_merged=4" in out  # q_proj and v_proj of two layers
     assert "| Smooth |" in out and "norms_smoothed=4, linears_smoothed=10" in out
     error = float(re.search(r"max \|logits - eager logits\|: (\S+)", out).group(1))
@@ -39,13 +41,13 @@ def test_quickstart():
 
 
 def test_custom_pass():
-    out = run_example("custom_pass.py")
+    out = run_example("test_custom_pass")
     assert "| RemoveMulByOne |" in out and "mul_by_one_removed=2" in out  # RoPE's cos and sin scaling
     assert "equivalent to the eager model: yes" in out
 
 
 def test_custom_pass_property_test():
-    out = run_example("property_test_custom_pass.py", "--examples", "2")
+    out = run_example("test_custom_pass_property_test")
     tried = re.search(r"RemoveMulByOne kept the function on (\d+) random models: (.*)", out)
     assert tried and int(tried.group(1)) == 2 and len(tried.group(2).split(", ")) == 2
 

@@ -52,8 +52,6 @@ def test_the_first_use_check_accepts_a_matching_kernel_and_rejects_a_wrong_or_fa
     # is far from any correct attention; a kernel that raises is never compared): the interpreted portable
     # kernel, seconds a call on CPU, is swapped for the reference op it is tested against
     if DEVICE == "cpu":
-        import sys
-
         portable = sys.modules[flash_attention.__module__]  # the module (the package exports its function by the same name)
         monkeypatch.setattr(portable, "flash_attention", lambda q, k, v, scale, causal, mask=None, kernel="auto":
                             torch.ops.llmopt.attention(q, k, v, mask, scale, causal))
@@ -113,8 +111,7 @@ BACKGROUND = {
 def test_gluon_kernel_compiles_for_hopper_into_a_producer_and_two_consumers():
     """The Gluon source against the installed Triton (its API moves between releases), compiled for sm_90 on
     any machine: one producer warp and two 4-warp consumer groups issuing asynchronous wgmma, storing the output
-    as 16-byte vectors. In a child
-    process, since this suite runs Triton's interpreter, which does not compile."""
+    as 16-byte vectors. In a child process, since this suite runs Triton's interpreter, which does not compile."""
     import json
 
     done = BACKGROUND["test_gluon_kernel_compiles_for_hopper_into_a_producer_and_two_consumers"].result()
