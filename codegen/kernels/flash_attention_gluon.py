@@ -17,8 +17,8 @@ Blocks wholly visible to every row of the tile skip the mask; the rest apply the
 Rows and keys past the end load as zeros (TMA descriptors made on the host over [B, H, T, D]); the
 output is stored from registers, rows past the end masked, as 16-byte vectors: a transpose within each quad of
 lanes (`_columns_per_thread`, shuffles, no shared memory: none is left) gives each thread 8 consecutive columns
-instead of the wgmma layout's pairs. With the store masked off entirely, the kernel ran 14% faster at 1k tokens
-(H100, session 13); the 16-byte stores got back 7% there, 4% at 2k (benchmarks/RESULTS.md).
+instead of the wgmma layout's pairs. In a scratch comparison (H100, session 13, benchmarks/RESULTS.md), the
+kernel with its store masked off entirely ran 14% faster at 1k tokens; the 16-byte stores got back 7% there, 4% at 2k.
 Measured on the H200 against a one-tile-per-program grid, a static round-robin persistent grid, 2 stages
 and no ping-pong (benchmarks/RESULTS.md, session 11): this configuration was best or within noise.
 """
