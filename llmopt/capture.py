@@ -84,7 +84,7 @@ def capture(model: torch.nn.Module, example_inputs=None) -> Program:
     _canonicalize_conv1d(program)
     _remove_identities(program)
     program.gm.recompile()
-    program.verify()  # lints and re-derives the shapes too (Program.recompile would derive them twice)
+    program.verify()  # lints and derives the shapes
     return program
 
 

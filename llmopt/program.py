@@ -26,6 +26,7 @@ class Program:
         self.config = dict(config or {})
         self.max_seq_len = max_seq_len
         self.recipe = list(recipe or [])  # [{"pass": name, "options": {...}}], what was applied, in order
+        self._derived_for = None  # what the shapes in meta["val"] were last derived for (`refresh_meta`)
 
     # ---- graph -------------------------------------------------------------------------------------
     @property
@@ -134,10 +135,22 @@ class Program:
         return self.get_weight(embeddings[0].weight).dtype if embeddings else torch.float32
 
     def refresh_meta(self):
-        """Re-derive `meta["val"]` (fake tensors with symbolic dims) for every node, in order."""
+        """Re-derive `meta["val"]` (fake tensors with symbolic dims) for every node, in order. Nothing to do when
+        neither the graph nor any weight's shape, dtype or device changed since the last derivation: a pass's
+        `recompile()` and the pass manager's `verify()` right after it derive them once (~1 s for the reference model)."""
+        key = self._derivation_key()
+        if key == self._derived_for:
+            return
         placeholders = self.nodes("placeholder")
         mode = placeholders[0].meta["val"].fake_mode
         _FakePropagation(self.gm, mode).run(*[p.meta["val"] for p in placeholders])
+        self._derived_for = key
+
+    def _derivation_key(self) -> tuple:
+        """What the derived shapes depend on: the graph's text, each weight's kind, the input placeholders' values."""
+        weights = tuple((n.target, *_tensor_kind(getattr(self.gm, n.target, None))) for n in self.nodes("get_attr"))
+        inputs = tuple(id(p.meta.get("val")) for p in self.nodes("placeholder"))
+        return str(self.graph), weights, inputs
 
     def verify(self):
         """Check the graph: well-formed, every op known, every weight present, shapes consistent."""
@@ -254,6 +267,12 @@ class _FakePropagation(torch.fx.Interpreter):
         if n.op != "output":
             n.meta["val"] = result
         return result
+
+
+def _tensor_kind(value) -> tuple:
+    if isinstance(value, torch.Tensor):
+        return type(value), tuple(value.shape), value.dtype, value.device
+    return (type(value), )
 
 
 def _known_op(target) -> bool:

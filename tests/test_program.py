@@ -100,6 +100,32 @@ def test_verify_rejects_inconsistent_shapes(program):
         program.verify()
 
 
+def test_shapes_are_derived_again_only_after_a_change(program, monkeypatch):
+    """recompile() then verify() (what every pass and the pass manager do) derives the shapes once; a graph edit
+    or a weight of another dtype derives them again."""
+    from llmopt import program as program_module
+
+    runs = []
+    run = program_module._FakePropagation.run
+    monkeypatch.setattr(program_module._FakePropagation, "run", lambda self, *a: runs.append(1) or run(self, *a))
+    program.recompile()
+    program.verify()
+    assert len(runs) <= 1
+    before = len(runs)
+    head = program.lm_head()
+    program.set_weight(head.weight, program.get_weight(head.weight).half())
+    program.verify()
+    assert len(runs) == before + 1 and program.shape(head.weight) == tuple(program.get_weight(head.weight).shape)
+    assert head.weight.meta["val"].dtype == torch.float16
+    with program.graph.inserting_after(head.node):
+        doubled = program.graph.call_function(torch.ops.aten.mul.Tensor, (head.node, 2.0))
+    head.node.replace_all_uses_with(doubled)
+    doubled.args = (head.node, 2.0)
+    program.recompile()
+    program.verify()
+    assert len(runs) == before + 2 and doubled.meta["val"].dtype == torch.float32
+
+
 def test_dump_lists_nodes_with_roles_shapes_and_dtypes(program):
     text = program.dump()
     assert len(text.splitlines()) == len(program.graph.nodes)
