@@ -1,7 +1,8 @@
 """Test-wide set-up: without a CUDA GPU, Triton kernels run under the Triton interpreter.
 
 triton reads TRITON_INTERPRET when `@triton.jit` decorates a kernel, so it is set here, before any
-test module imports llmopt.codegen. Also: the `shared` fixture (the read-only ../shared folder).
+test module imports llmopt.codegen. Also: the `shared` fixture (the read-only ../shared folder), the session's
+`reference_model`, and the release of cached GPU memory after each `gpu` test.
 """
 import os
 from pathlib import Path
@@ -41,6 +42,19 @@ def pytest_sessionfinish(session):
     from tests import background
 
     background.stop()
+
+
+@pytest.fixture(autouse=True)
+def _gpu_memory_back_to_the_card(request):
+    """After a `gpu` test, its process hands its cached GPU memory back: under `pytest -n 8` eight processes share
+    one card, and each one's caching allocator otherwise keeps the peak of its largest model (published widths:
+    gigabytes) from the other seven."""
+    yield
+    if torch.cuda.is_available() and request.node.get_closest_marker("gpu"):
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 @pytest.fixture(scope="session")
