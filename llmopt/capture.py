@@ -83,8 +83,8 @@ def capture(model: torch.nn.Module, example_inputs=None) -> Program:
     program = Program(gm, config=config, max_seq_len=max_len)
     _canonicalize_conv1d(program)
     _remove_identities(program)
-    program.gm.recompile()
-    program.verify()  # lints and derives the shapes
+    program.recompile()
+    program.verify()  # the shapes recompile() derived are not derived again (Program.refresh_meta)
     return program
 
 

@@ -12,11 +12,12 @@ Each 128-row tile of one head runs in three warp-specialized partitions:
   does its softmax (FA3's ping-pong).
 The grid is one program per SM; programs claim 128-row tiles in order from a global counter (zeroed before
 each launch) as they free up (heads outermost, so programs running together share K/V in L2; the longest causal tiles of a head
-first), and the producer loads the next tile's Q and K/V while the consumers finish the last one: a consumer releases
-its Q as soon as its last QKᵀ is done, before that block's softmax and the last PV, and normalizes the output by one
-reciprocal a row and a multiply an element (ptxas already shared the reciprocal of a per-element division, but kept
-range checks around each quotient: 8503 -> 7799 lines of SASS for the kernel, compiled for sm_90 with Triton 3.6). Those two changes together took 1k tokens from 0.99x to 1.05x cuDNN on an H100
-(session 14, scratch comparison, benchmarks/RESULTS.md), output bit-identical.
+first), and the producer loads the next tile's Q and K/V while the consumers finish the last one: a consumer
+releases its Q as soon as its last QKᵀ is done, before that block's softmax and the last PV, and normalizes the
+output by one reciprocal a row and a multiply an element (ptxas already shared the reciprocal of a per-element
+division, but kept range checks around each quotient: 8503 -> 7799 lines of SASS for the kernel, compiled for
+sm_90 with Triton 3.6). Those two changes together took 1k tokens from 0.99x to 1.05x cuDNN on an H100 (session 14,
+scratch comparison, benchmarks/RESULTS.md), output bit-identical.
 Blocks wholly visible to every row of the tile skip the mask; the rest apply the causal and key limits.
 Rows and keys past the end load as zeros (TMA descriptors made on the host over [B, H, T, D]); the
 output is stored from registers, rows past the end masked, as 16-byte vectors: a transpose within each quad of
