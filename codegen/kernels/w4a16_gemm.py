@@ -1,8 +1,9 @@
 """Weight-only group-quantized linear (W4/W3/W8, A16/A32) in Triton, reading the canonical layout.
 
 Entry point: `linear_wq(x, qweight, scales, zeros, bias, group_size, bits)`, the same function as
-`torch.ops.llmopt.linear_wq` up to fp32 rounding (see below). Up to FUSED_MAX_M rows it runs the fused
-kernel below; above, it dequantizes the weight into a temporary (`dequantize_wq.py`) and calls
+`torch.ops.llmopt.linear_wq` up to fp32 rounding (see below). On sm_90, up to 8 rows of 16-bit x against 4-bit
+weights in groups of >= 128 run `w4a16_direct.py`'s Gluon kernel (1.06-1.16x this module's on the H100); else,
+up to FUSED_MAX_M rows it runs the fused kernel below; above, it dequantizes the weight into a temporary (`dequantize_wq.py`) and calls
 `torch.nn.functional.linear`, as the reference does, so the result is the reference's exactly: on the
 H200 that was 1.06-2.46x faster than the fused kernel at M = 128 to 4096 (benchmarks/RESULTS.md). The weight is read as stored
 (`llmopt/ops/linear_wq.py`): uint8 `[N, K // 2]` with the even k in the low nibble (3-bit values
@@ -42,6 +43,11 @@ import triton.language as tl
 
 from llmopt.codegen.kernels.dequantize_wq import dequantize_wq
 from llmopt.codegen.kernels.tuning import quick_bench
+
+try:  # Gluon's mma_v2 and linear layouts: Triton >= 3.6
+    from llmopt.codegen.kernels import w4a16_direct
+except ImportError:
+    w4a16_direct = None
 
 _INTERPRET = triton.knobs.runtime.interpret
 DECODE_MAX_M = 16
@@ -325,6 +331,10 @@ def linear_wq(
     if m > FUSED_MAX_M:
         w = dequantize_wq(qweight, scales, zeros, group_size, bits, x.dtype)  # w: [N, K]
         return torch.nn.functional.linear(x2, w, bias).reshape(*lead, n)
+    direct = None if w4a16_direct is None or _INTERPRET else w4a16_direct.choose(x2, qweight, group_size, bits)
+    if direct is not None:  # M <= 8 on sm_90: weights straight into mma registers (w4a16_direct.py)
+        y = w4a16_direct.linear_w4_direct(x2, qweight, scales, zeros, bias, group_size, direct)
+        return y.reshape(*lead, n)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)  # y: [M, N]
     if m == 0:
         return y.reshape(*lead, n)

@@ -1,0 +1,286 @@
+"""Weight-only 4-bit linear for decode (M <= 8) in Gluon: weights go from global memory straight into mma registers.
+
+Entry points: `linear_w4_direct(x [M, K] bf16/fp16, qweight [N, K // 2] uint8, scales [N, K // G], zeros, bias,
+group_size, config=None) -> y [M, N]`, and `choose(x, qweight, group_size, bits) -> config | None`, which
+`linear_wq` asks first: None means "use the Triton kernel" (another GPU than sm_90, another dtype or width, M > 8,
+misaligned operands, or this kernel failed its one-time check on this Triton). Weights are 4-bit (or 3-bit, in
+4-bit slots) in the canonical layout (`llmopt/ops/linear_wq.py`: even k in the low nibble), G a power of two
+>= 128. Same function as `torch.ops.llmopt.linear_wq` up to fp32 rounding: per 128-k block the tensor cores sum
+(MAGIC + q) * x and, in a second product with a tile of ones, Σ x; the block adds s * (that - (MAGIC + z) Σ x)
+in fp32 (the reference rounds (q - z) * s to 16 bits first, then sums).
+
+Why a second kernel beside `w4a16_gemm.py`'s: a decode GEMV has only to stream the weight bytes, so what counts
+is how many are in flight and how little stands between a load and its use. Here no shared memory and no layout
+conversion do: each thread loads 16 contiguous bytes of two weight rows per 128-k block (one 16-byte load
+apiece), and those registers are, nibble for nibble, the A operand of `mma.m16n8k16` once turned into floats
+(one shift and one `lop3` into the mantissa of 128.0 per two weights; 1024.0 for fp16). A program is 16 weight
+rows and KW warps that split K between them (block it * KW + wk for warp wk); each warp holds two blocks of
+registers, reloading one as soon as it is used (the loop is unrolled twice, so nothing is copied between them),
+and the warps' partial sums meet once, at the end. Measured on the H100 beside the shipped Triton kernel:
+1.06-1.16x it at M = 1 and 4, slower at M = 16 (benchmarks/RESULTS.md), hence M <= 8.
+
+How 16 contiguous bytes become an mma operand without moving data: a dot's sum does not depend on the order of
+k, so the kernel sums in a "logical" order of its own, the same for the weights and for x. A thread in lane-quad
+position c holds the physical k 32c .. 32c + 31 of a block (four words j of eight nibbles). From word j the
+shift and `lop3` give four registers p = 0..3 of two values each, the nibbles p and p + 4: physical k
+32c + 8j + p + 4e (e = 0, 1). They are labelled logical k = e + 2c + 8p + 32j, which is where mma's A layout
+(k_width 2) expects a thread in position c to hold its pairs. x is loaded as the same 32 physical values of the
+same thread position and paired the same way (one `prmt` per register), so the B operand matches: both
+`convert_layout(..., assert_trivial=True)` compile to nothing.
+"""
+import warnings
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+from llmopt.codegen.kernels.tuning import quick_bench
+
+TILE_K = 128  # k a block: 64 bytes a row, one group at G >= 128
+BLOCK_K = gl.constexpr(TILE_K)
+MAX_M = 8  # x rows: the mma's n = 8 (M = 16 measured slower than the Triton kernel)
+BLOCK_M = gl.constexpr(MAX_M)
+DTYPES = (torch.bfloat16, torch.float16)
+
+
+@gluon.constexpr_function
+def _word_layout(kw: int, row_tiles: int) -> gl.DistributedLinearLayout:
+    """[KW, BN, 16] int32 weight words of one 128-k block a warp: a thread holds 4 contiguous words (16 bytes)
+    of rows g and g + 8 of each 16-row tile (g = lane // 4), at word 4c (c = lane % 4); warps split K."""
+    return gl.DistributedLinearLayout(
+        reg_bases=[[0, 0, 1], [0, 0, 2], [0, 8, 0]] + [[0, 16 << i, 0] for i in range(row_tiles.bit_length() - 1)],
+        lane_bases=[[0, 0, 4], [0, 0, 8], [0, 1, 0], [0, 2, 0], [0, 4, 0]],
+        warp_bases=[[1 << i, 0, 0] for i in range(kw.bit_length() - 1)],
+        block_bases=[], shape=[kw, 16 * row_tiles, 16])
+
+
+@gluon.constexpr_function
+def _x_layout(kw: int) -> gl.DistributedLinearLayout:
+    """[KW, 8, 64] int32 x words (2 values each) of one 128-k block: the thread in lane g, position c holds x row
+    g's words 16c .. 16c + 15 (its 32 physical k, as for the weights)."""
+    return gl.DistributedLinearLayout(
+        reg_bases=[[0, 0, 1], [0, 0, 2], [0, 0, 4], [0, 0, 8]],
+        lane_bases=[[0, 0, 16], [0, 0, 32], [0, 1, 0], [0, 2, 0], [0, 4, 0]],
+        warp_bases=[[1 << i, 0, 0] for i in range(kw.bit_length() - 1)],
+        block_bases=[], shape=[kw, 8, 64])
+
+
+# a weight word (8 nibbles, two int16 elements) -> 4 registers p of the float pair (MAGIC + nibble p, MAGIC + nibble
+# p + 4): the element pair (e = 0, 1) of plane p
+_W_ASM = " ".join(["{ .reg .b32 u;"] + [f"shr.b32 u, $4, {4 * p}; lop3.b32 ${p}, u, 0x000F000F, MAGIC, 0xea;"
+                                        for p in range(4)] + ["}"])
+_W_ASM_BF16 = gl.constexpr(_W_ASM.replace("MAGIC", "0x43004300"))  # bf16 128 + q
+_W_ASM_FP16 = gl.constexpr(_W_ASM.replace("MAGIC", "0x64006400"))  # fp16 1024 + q
+# two x words a (e = 0) and b (e = 1) of two values each -> the pairs (a.lo, b.lo) and (a.hi, b.hi)
+_X_ASM = gl.constexpr("prmt.b32 $0, $2, $3, 0x5410; prmt.b32 $1, $2, $3, 0x7632;")
+
+
+@gluon.jit
+def _dequantize(words, dtype: gl.constexpr):
+    """words: [KW, BN, 16] int32 -> [KW, BN, 128] MAGIC + q in dtype, logical k (module docstring)."""
+    if dtype == gl.bfloat16:
+        asm: gl.constexpr = _W_ASM_BF16
+    else:
+        asm: gl.constexpr = _W_ASM_FP16
+    lo, hi = gl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [words], dtype=(gl.int16, gl.int16),
+                                      is_pure=True, pack=1)
+    halves = gl.reshape(gl.join(lo, hi), [words.shape[0], words.shape[1], 32])
+    p = gl.inline_asm_elementwise(asm, "=r,=r,=r,=r,r", [halves], dtype=(gl.int16, ) * 4, is_pure=True, pack=2)
+    shape: gl.constexpr = [words.shape[0], words.shape[1], 4, 4, 2]  # c, j (word 4c + j), e (its half)
+    t = gl.join(gl.join(gl.reshape(p[0], shape), gl.reshape(p[1], shape)),
+                gl.join(gl.reshape(p[2], shape), gl.reshape(p[3], shape)))  # [KW, BN, c, j, e, p0, p1]
+    t = gl.permute(t, (0, 1, 3, 6, 5, 2, 4))  # [KW, BN, j, p1, p0, c, e]: logical k = e + 2c + 8p + 32j
+    return gl.reshape(t, [words.shape[0], words.shape[1], BLOCK_K]).to(dtype, bitcast=True)
+
+
+@gluon.jit
+def _x_operand(xw, dtype: gl.constexpr):
+    """xw: [KW, BLOCK_M, 64] int32 x words (word 16c + 4j + 2e + h holds physical k 32c + 8j + 4e + 2h + b, b = 0, 1)
+    -> [KW, BLOCK_M, 128] in dtype, logical k as the weights' (p = 2h + b)."""
+    lo, hi = gl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [xw], dtype=(gl.int16, gl.int16),
+                                      is_pure=True, pack=1)
+    t = gl.reshape(gl.join(lo, hi), [xw.shape[0], xw.shape[1], 4, 4, 2, 2, 2])  # c, j, e, h, b
+    a, b = gl.split(gl.permute(t, (0, 1, 2, 3, 5, 6, 4)))  # e = 0 and e = 1: [KW, BLOCK_M, c, j, h, b]
+    lo, hi = gl.inline_asm_elementwise(_X_ASM, "=r,=r,r,r", [a, b], dtype=(gl.int16, ) * 2, is_pure=True, pack=2)
+    t = gl.join(lo, hi)  # [KW, BLOCK_M, c, j, h, e, p0]: lo holds b = 0 (e = 0, 1), hi b = 1
+    t = gl.permute(t, (0, 1, 3, 4, 6, 2, 5))  # [KW, BLOCK_M, j, h (p1), p0, c, e]
+    return gl.reshape(t, [xw.shape[0], xw.shape[1], BLOCK_K]).to(dtype, bitcast=True)
+
+
+@gluon.jit
+def _load_block(it, w_ptrs, x_ptrs, z_ptrs, s_ptrs, wk, xk, sk, num_kb, KW: gl.constexpr,
+                GROUP_SIZE: gl.constexpr):
+    """Iteration it's operands, warp wk taking block it * KW + wk (past the last block: block num_kb - 1 again,
+    with scale 0, so it adds nothing): weight words [KW, BN, 16] and x words [KW, BLOCK_M, 64] int32, zero points
+    and scales [KW, BN]."""
+    kb_w = gl.minimum(it * KW + wk, num_kb - 1)
+    kb_x = it * KW + xk
+    kb_s = it * KW + sk
+    words = gl.load(w_ptrs + (kb_w * (BLOCK_K // 8))[:, None, None])
+    xw = gl.load(x_ptrs + (gl.minimum(kb_x, num_kb - 1) * (BLOCK_K // 2))[:, None, None])
+    g = (gl.minimum(kb_s, num_kb - 1) * BLOCK_K // GROUP_SIZE)[:, None]
+    z = gl.load(z_ptrs + g)
+    s = gl.load(s_ptrs + g, mask=(kb_s < num_kb)[:, None], other=0.0)
+    return words, xw, z, s
+
+
+@gluon.jit
+def _accumulate(acc, block, ones, a_layout: gl.constexpr, b_layout: gl.constexpr, magic: gl.constexpr):
+    """acc [KW, BN, BLOCK_M] fp32 yᵀ + one block (_load_block's tuple): s * (Σ (MAGIC + q) x - (MAGIC + z) Σ x)."""
+    words, xw, z, s = block
+    dtype: gl.constexpr = ones.dtype
+    zero = gl.zeros_like(acc)
+    w = gl.convert_layout(_dequantize(words, dtype), a_layout, assert_trivial=True)  # [KW, BN, 128]
+    xt = gl.convert_layout(gl.permute(_x_operand(xw, dtype), (0, 2, 1)), b_layout, assert_trivial=True)
+    raw = mma_v2(w, xt, zero)  # Σ (MAGIC + q) x: [KW, BN, BLOCK_M]
+    sx = mma_v2(ones, xt, zero)  # Σ x, in every row
+    zb = z.to(gl.float32) + magic
+    return acc + s.to(gl.float32)[:, :, None] * (raw - zb[:, :, None] * sx)
+
+
+@gluon.jit
+def _w4_direct_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, num_kb, stride_xm, stride_qn, stride_sn,
+                      stride_ym, GROUP_SIZE: gl.constexpr, KW: gl.constexpr, ROW_TILES: gl.constexpr,
+                      HAS_BIAS: gl.constexpr):
+    dtype: gl.constexpr = x_ptr.dtype.element_ty
+    magic: gl.constexpr = 128.0 if dtype == gl.bfloat16 else 1024.0
+    BN: gl.constexpr = 16 * ROW_TILES
+    w_layout: gl.constexpr = _word_layout(KW, ROW_TILES)
+    x_layout: gl.constexpr = _x_layout(KW)
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[KW, 1, 1],
+                                                         instr_shape=[1, 16, 8])
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    b_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=acc_layout, k_width=2)
+    row_layout: gl.constexpr = gl.SliceLayout(2, acc_layout)  # [KW, BN]
+    row0 = gl.program_id(0) * BN
+
+    # weight words [1, BN, 16] of block 0; rows past N read row N - 1 (their outputs are not stored)
+    wk = gl.arange(0, KW, layout=gl.SliceLayout(1, gl.SliceLayout(2, w_layout)))
+    rows = gl.minimum(row0 + gl.arange(0, BN, layout=gl.SliceLayout(0, gl.SliceLayout(2, w_layout))), N - 1)
+    wu = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, w_layout)))
+    w_ptrs = qw_ptr.to(gl.pointer_type(gl.int32)) + rows[None, :, None] * (stride_qn // 4) + wu[None, None, :]
+    # x words [1, BLOCK_M, 64] of block 0
+    xk = gl.arange(0, KW, layout=gl.SliceLayout(1, gl.SliceLayout(2, x_layout)))
+    xm = gl.minimum(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, gl.SliceLayout(2, x_layout))), M - 1)  # rows past M: copies
+    xu = gl.arange(0, 64, layout=gl.SliceLayout(0, gl.SliceLayout(1, x_layout)))
+    x_ptrs = x_ptr.to(gl.pointer_type(gl.int32)) + xm[None, :, None] * (stride_xm // 2) + xu[None, None, :]
+    # zero points and scales [1, BN] of group 0, in the accumulator's row layout
+    sk = gl.arange(0, KW, layout=gl.SliceLayout(1, row_layout))
+    s_rows = gl.minimum(row0 + gl.arange(0, BN, layout=gl.SliceLayout(0, row_layout)), N - 1)
+    s_ptrs = s_ptr + s_rows[None, :] * stride_sn
+    z_ptrs = z_ptr + s_rows[None, :] * stride_sn
+    ptrs = (w_ptrs, x_ptrs, z_ptrs, s_ptrs, wk, xk, sk, num_kb, KW, GROUP_SIZE)
+
+    ones = gl.full([KW, BN, BLOCK_K], 1.0, dtype, a_layout)  # its product with x: Σx over the block in every row
+    acc = gl.zeros([KW, BN, BLOCK_M], gl.float32, acc_layout)  # yᵀ partial sums, one a warp
+    # two sets of registers, each reloaded right after its block is used, so a load has a block of work to
+    # arrive in; the loop is unrolled twice (no copies between the sets); blocks past the end add 0
+    n_it = gl.cdiv(gl.cdiv(num_kb, KW), 2) * 2
+    buf0 = _load_block(0, *ptrs)
+    buf1 = _load_block(1, *ptrs)
+    for it in range(0, n_it, 2):
+        acc = _accumulate(acc, buf0, ones, a_layout, b_layout, magic)
+        buf0 = _load_block(it + 2, *ptrs)
+        acc = _accumulate(acc, buf1, ones, a_layout, b_layout, magic)
+        buf1 = _load_block(it + 3, *ptrs)
+
+    y = gl.sum(acc, axis=0)  # [BN, BLOCK_M]: the warps' partial sums meet
+    y_layout: gl.constexpr = gl.SliceLayout(0, acc_layout)
+    offs_n = row0 + gl.arange(0, BN, layout=gl.SliceLayout(1, y_layout))
+    offs_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, y_layout))
+    if HAS_BIAS:
+        y += gl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(gl.float32)[:, None]
+    mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
+    gl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], y.to(dtype), mask=mask)
+
+
+CONFIGS = [(8, 1), (4, 2), (4, 1), (2, 1)]  # (KW, ROW_TILES): the best of a sweep on the H100 for some shape each
+_checked = {}  # (device index, dtype) -> whether the kernel matched the reference on a small odd case
+_tuned = {}  # (device index, dtype, M bucket, N, K, G) -> the fastest of CONFIGS
+
+
+def choose(x: torch.Tensor, qweight: torch.Tensor, group_size: int, bits: int):
+    """x: [M, K] contiguous, qweight: [N, K // 2] contiguous -> the (KW, ROW_TILES) config to run this kernel with,
+    or None for the Triton kernel. The first call per device and dtype checks the kernel (Gluon's API moves between
+    Triton releases: a failure to compile or a wrong result warns and turns it off); the first call per shape
+    times CONFIGS and keeps the fastest (during CUDA-graph capture, where neither can run: the Triton kernel)."""
+    m, k = x.shape
+    if not (x.is_cuda and x.dtype in DTYPES and bits in (3, 4) and group_size >= TILE_K
+            and group_size & (group_size - 1) == 0 and k % group_size == 0 and 0 < m <= MAX_M
+            and x.data_ptr() % 16 == 0 and qweight.data_ptr() % 16 == 0
+            and torch.cuda.get_device_capability(x.device) == (9, 0)):
+        return None
+    capturing = torch.cuda.is_current_stream_capturing()
+    check_key = (x.device.index, x.dtype)
+    if check_key not in _checked:
+        if capturing:
+            return None
+        _checked[check_key] = _matches_reference(x.device, x.dtype)
+    if not _checked[check_key]:
+        return None
+    n = qweight.shape[0]
+    tune_key = (x.device.index, x.dtype, triton.next_power_of_2(m), n, k, group_size)
+    if tune_key not in _tuned:
+        if capturing:
+            return None
+        _tuned[tune_key] = _fastest(x, n, k, group_size)
+    return _tuned[tune_key]
+
+
+def _fastest(x: torch.Tensor, n: int, k: int, group_size: int):
+    """The fastest of CONFIGS for x against random [n, k] weights (timed with the autotuners' timer)."""
+    qweight = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=x.device)
+    scales = torch.rand(n, k // group_size, dtype=x.dtype, device=x.device)
+    zeros = torch.randint(0, 16, (n, k // group_size), device=x.device).to(x.dtype)
+    x = torch.randn_like(x)
+    times = {cfg: quick_bench(lambda: linear_w4_direct(x, qweight, scales, zeros, None, group_size, cfg), None)
+             for cfg in CONFIGS}
+    return min(times, key=times.get)
+
+
+def _matches_reference(device: torch.device, dtype: torch.dtype) -> bool:
+    """Runs the kernel on a small odd case (partial row tile, 3 rows of x, groups of 256, bias) against the reference."""
+    from llmopt.ops.linear_wq import dequantize_groups
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    n, k, g = 100, 1024, 256
+    x = torch.randn(3, k, device=device, dtype=dtype, generator=gen)
+    qweight = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=device, generator=gen)
+    scales = (torch.rand(n, k // g, device=device, generator=gen) * 0.02 + 0.005).to(dtype)
+    zeros = torch.randint(0, 16, (n, k // g), device=device, generator=gen).to(dtype)
+    bias = torch.randn(n, device=device, dtype=dtype, generator=gen)
+    ref = x.float() @ dequantize_groups(qweight, scales, zeros, g, 4).float().t() + bias.float()
+    where = f"on this GPU and Triton {triton.__version__} ({dtype})"
+    try:  # another Triton may not compile it: Gluon's API is young
+        y = linear_w4_direct(x, qweight, scales, zeros, bias, g, CONFIGS[0]).float()
+    except Exception as err:  # noqa: BLE001  (any compile or launch failure means: do not use this path)
+        detail = (str(err).strip().splitlines() or [""])[-1][:200]  # Triton's last line names the failure
+        warnings.warn(f"llmopt: the direct W4A16 kernel failed {where}: {type(err).__name__}: {detail}; "
+                      "using the Triton kernel instead.", RuntimeWarning, stacklevel=4)
+        return False
+    err = ((y - ref).norm() / ref.norm()).item()
+    if not err < 1e-2:  # catches NaN too; bf16 rounding of the output is ~2e-3
+        warnings.warn(f"llmopt: the direct W4A16 kernel gives a relative error of {err:.2e} against the reference "
+                      f"{where}; using the Triton kernel instead.", RuntimeWarning, stacklevel=4)
+        return False
+    return True
+
+
+def linear_w4_direct(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bias,
+                     group_size: int, config=None) -> torch.Tensor:
+    """x [M, K] (M <= 8, 16-bit, contiguous), qweight [N, K // 2] uint8 (contiguous), scales/zeros [N, K // G],
+    bias [N] or None -> y [M, N]. config: (KW, ROW_TILES), CONFIGS[0] when None."""
+    m, k = x.shape
+    n = qweight.shape[0]
+    scales = scales.contiguous()
+    zeros = zeros.to(scales.dtype).contiguous()
+    kw, row_tiles = config or CONFIGS[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)  # y: [M, N]
+    _w4_direct_kernel[(triton.cdiv(n, 16 * row_tiles), )](
+        x, qweight, scales, zeros, bias if bias is not None else scales, y,
+        m, n, k // TILE_K, x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
+        GROUP_SIZE=group_size, KW=kw, ROW_TILES=row_tiles, HAS_BIAS=bias is not None, num_warps=kw,
+    )
+    return y

@@ -1,0 +1,147 @@
+"""The register-direct W4A16 decode kernel (codegen/kernels/w4a16_direct.py) and linear_wq's choice of it.
+
+On any machine: the Gluon source compiles for sm_90 with the installed Triton into what the design says (16-byte
+weight loads, mma.sync, no shared memory inside the loop). On the GPU (`gpu`): every config against the
+reference on odd shapes, fp16 and bf16, outputs poisoned; linear_wq takes it exactly where it should; a kernel
+that fails its check warns and leaves the Triton kernel in charge.
+"""
+import sys
+import warnings
+
+import pytest
+import torch
+
+import llmopt.ops  # noqa: F401  (registers torch.ops.llmopt)
+from llmopt.ops.linear_wq import dequantize_groups, pack_int4
+from tests.background import Job
+
+HAS_CUDA = torch.cuda.is_available()
+needs_hopper = pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability() != (9, 0),
+                                  reason="the direct kernel runs on sm_90 GPUs")
+
+_COMPILE_FOR_SM90 = """
+import json
+import re
+from triton.backends.compiler import GPUTarget
+from triton.compiler import compile as triton_compile
+from triton.experimental.gluon._runtime import GluonASTSource
+from llmopt.codegen.kernels import w4a16_direct
+
+kernel = w4a16_direct._w4_direct_kernel
+sig = {name: "i32" for name in kernel.arg_names}
+sig.update(x_ptr="*bf16", qw_ptr="*u8", s_ptr="*bf16", z_ptr="*bf16", b_ptr="*bf16", y_ptr="*bf16",
+           GROUP_SIZE="constexpr", KW="constexpr", ROW_TILES="constexpr", HAS_BIAS="constexpr")
+# 16-byte aligned operands and row strides, as the launcher specializes them for contiguous tensors
+aligned = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]]
+           for n in ("x_ptr", "qw_ptr", "s_ptr", "z_ptr", "stride_xm", "stride_qn")}
+constants = {"GROUP_SIZE": 128, "KW": 8, "ROW_TILES": 1, "HAS_BIAS": False}
+compiled = triton_compile(GluonASTSource(kernel, sig, constants, aligned), target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": 8})
+ptx = compiled.asm["ptx"]
+print(json.dumps({"mma": ptx.count("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"),
+                  "loads": re.findall(r"ld[.]global[.a-z0-9]*", ptx), "cp_async": ptx.count("cp.async"),
+                  "barriers": ptx.count("bar.sync"), "shared": compiled.metadata.shared}))
+"""
+
+BACKGROUND = {
+    "test_direct_kernel_compiles_for_hopper_into_register_loads_and_mma":
+        Job([sys.executable, "-c", _COMPILE_FOR_SM90], env_update={"TRITON_INTERPRET": "0"}, timeout=600),
+}
+
+
+def test_direct_kernel_compiles_for_hopper_into_register_loads_and_mma():
+    """Compiled for sm_90 (in a child process: this suite runs Triton's interpreter, which does not compile). The
+    `assert_trivial` conversions of both mma operands are part of the source, so compiling at all means the
+    nibble and x relabelling cost no data movement."""
+    import json
+
+    done = BACKGROUND["test_direct_kernel_compiles_for_hopper_into_register_loads_and_mma"].result()
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["mma"] == 32  # the loop's two blocks: 8 k-steps each, for Σ (MAGIC + q) x and for Σ x
+    # a block's operands: 16-byte loads, two of weights (rows g and g + 8) and four of x, and one 2-byte load each of
+    # the zero point and the scale of each row; four block loads (two before the loop, two in it)
+    loads = result["loads"]
+    assert loads.count("ld.global.v4.b32") == 4 * 6 and loads.count("ld.global.b16") == 4 * 4, loads
+    assert len(loads) == 4 * 10
+    assert result["cp_async"] == 0  # no shared-memory staging of the weights...
+    assert result["barriers"] <= 3 and result["shared"] <= 8192  # ...only the warps' final sum meets there
+
+
+def _inputs(m, n, k, g, dtype, with_bias, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    qweight = pack_int4(torch.randint(0, 16, (n, k), device="cuda", generator=gen))  # [N, K // 2]
+    scales = (torch.rand(n, k // g, device="cuda", generator=gen) * 0.02 + 0.005).to(dtype)  # [N, K // G]
+    zeros = torch.randint(0, 16, (n, k // g), device="cuda", generator=gen).to(dtype)
+    x = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)  # [M, K]
+    bias = torch.randn(n, device="cuda", dtype=dtype, generator=gen) if with_bias else None
+    return x, qweight, scales, zeros, bias
+
+
+def _reference(x, qweight, scales, zeros, bias, g):
+    """fp32 product of the reference's dequantized weight: what the kernel computes up to fp32 rounding."""
+    w = dequantize_groups(qweight, scales, zeros, g, 4).float()  # [N, K]
+    return x.float() @ w.t() + (bias.float() if bias is not None else 0.0)
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("m,n,k,g,dtype,with_bias", [
+    (1, 4096 + 96, 4096, 128, torch.bfloat16, True), (3, 100, 384, 128, torch.float16, False),
+    (8, 4100, 11008, 128, torch.bfloat16, False), (5, 77, 1024, 256, torch.bfloat16, True),
+    (2, 33, 128, 128, torch.float16, True), (7, 11008, 4096, 512, torch.float16, False),
+])
+def test_direct_kernel_matches_reference_in_every_config(poison, m, n, k, g, dtype, with_bias):
+    from llmopt.codegen.kernels.w4a16_direct import CONFIGS, linear_w4_direct
+
+    x, qweight, scales, zeros, bias = _inputs(m, n, k, g, dtype, with_bias, seed=m + n)
+    ref = _reference(x, qweight, scales, zeros, bias, g)
+    for config in CONFIGS:
+        y = linear_w4_direct(x, qweight, scales, zeros, bias, g, config)
+        assert y.shape == (m, n) and y.dtype == dtype
+        err = ((y.float() - ref).norm() / ref.norm()).item()
+        assert err < (4e-3 if dtype == torch.bfloat16 else 1e-3), (config, err)  # the output's rounding
+        assert torch.equal(y, linear_w4_direct(x, qweight, scales, zeros, bias, g, config))  # deterministic
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_linear_wq_takes_the_direct_kernel_for_decode_rows_only(monkeypatch):
+    from llmopt.codegen.kernels import w4a16_direct, w4a16_gemm
+
+    calls = []
+    direct = w4a16_direct.linear_w4_direct
+    monkeypatch.setattr(w4a16_direct, "linear_w4_direct", lambda *a, **kw: calls.append(a[0].shape) or direct(*a, **kw))
+    n, k = 520, 1024
+    for m, g, bits, expected in [(1, 128, 4, True), (8, 256, 3, True), (9, 128, 4, False), (4, 64, 4, False),
+                                 (4, 128, 8, False)]:
+        calls.clear()
+        x, qweight, scales, zeros, bias = _inputs(m, n, k, g, torch.bfloat16, True, seed=m)
+        if bits == 8:
+            qweight = torch.randint(0, 256, (n, k), dtype=torch.uint8, device="cuda")
+        x3 = x.reshape(1, m, k)  # leading dims are kept
+        y = w4a16_gemm.linear_wq(x3, qweight, scales, zeros, bias, g, bits)
+        assert y.shape == (1, m, n)
+        assert bool(calls) == expected, (m, g, bits)
+        ref = torch.ops.llmopt.linear_wq(x, qweight, scales, zeros, bias, g, bits)
+        assert ((y[0].float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_a_failing_direct_kernel_warns_and_the_triton_kernel_runs(monkeypatch):
+    from llmopt.codegen.kernels import w4a16_direct, w4a16_gemm
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("PassManager::run failed")
+
+    monkeypatch.setattr(w4a16_direct, "_checked", {})
+    monkeypatch.setattr(w4a16_direct, "linear_w4_direct", broken)  # as a Triton that cannot compile it
+    x, qweight, scales, zeros, bias = _inputs(1, 256, 512, 128, torch.bfloat16, False)
+    with pytest.warns(RuntimeWarning, match="direct W4A16 kernel failed .*PassManager::run failed; using the Triton"):
+        y = w4a16_gemm.linear_wq(x, qweight, scales, zeros, bias, 128, 4)
+    ref = torch.ops.llmopt.linear_wq(x, qweight, scales, zeros, bias, 128, 4)
+    assert ((y.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # checked once: no second warning
+        w4a16_gemm.linear_wq(x, qweight, scales, zeros, bias, 128, 4)
