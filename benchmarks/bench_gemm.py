@@ -52,11 +52,17 @@ def _best(kernel) -> str:
     )
 
 
+def w4_weights(n: int, k: int, group_size: int, dtype) -> tuple:
+    """Random 4-bit weights as `linear_wq` takes them: qweight [N, K // 2] uint8, scales and zeros [N, K // G]."""
+    qweight = pack_int4(torch.randint(0, 16, (n, k), device="cuda"))
+    scales = (torch.rand(n, k // group_size, device="cuda") * 0.02 + 0.005).to(dtype)
+    zeros = torch.randint(0, 16, (n, k // group_size), device="cuda").to(dtype)
+    return qweight, scales, zeros
+
+
 def w4a16_case(m: int, n: int, k: int, ceilings: dict) -> dict:
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)  # x: [M, K]
-    qweight = pack_int4(torch.randint(0, 16, (n, k), device="cuda"))  # [N, K // 2] uint8
-    scales = (torch.rand(n, k // GROUP, device="cuda") * 0.02 + 0.005).to(torch.bfloat16)  # [N, K // G]
-    zeros = torch.randint(0, 16, (n, k // GROUP), device="cuda").to(torch.bfloat16)
+    qweight, scales, zeros = w4_weights(n, k, GROUP, torch.bfloat16)
     w = dequantize_groups(qweight, scales, zeros, GROUP, 4)  # w: [N, K] bf16, the baseline's weight
     y = linear_wq(x, qweight, scales, zeros, None, GROUP, 4)
     err = rel_err(y, x @ w.t())

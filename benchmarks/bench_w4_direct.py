@@ -10,27 +10,20 @@ import itertools
 
 import torch
 
-from benchmarks.bench_gemm import GROUP, LLAMA_7B, _stream_copies
+from benchmarks.bench_gemm import GROUP, LLAMA_7B, _stream_copies, w4_weights
 from benchmarks.common import print_table, rel_err, time_graph_ms
 from llmopt.codegen.kernels.w4a16_direct import CONFIGS, choose, linear_w4_direct
 from llmopt.codegen.kernels import w4a16_gemm
-from llmopt.ops.linear_wq import dequantize_groups, pack_int4
+from llmopt.ops.linear_wq import dequantize_groups
 
 CHECK_SHAPES = [(1, 4096, 4096, 128), (3, 100, 384, 128), (8, 4100, 11008, 128), (7, 77, 1024, 256),
                 (5, 33, 128, 128), (2, 64, 256, 256)]
 
 
-def _weights(n: int, k: int, g: int, dtype):
-    qweight = pack_int4(torch.randint(0, 16, (n, k), device="cuda"))  # [N, K // 2] uint8
-    scales = (torch.rand(n, k // g, device="cuda") * 0.02 + 0.005).to(dtype)  # [N, K // G]
-    zeros = torch.randint(0, 16, (n, k // g), device="cuda").to(dtype)
-    return qweight, scales, zeros
-
-
 def check() -> list:
     rows = []
     for (m, n, k, g), dtype, with_bias in itertools.product(CHECK_SHAPES, (torch.bfloat16, torch.float16), (False, True)):
-        qweight, scales, zeros = _weights(n, k, g, dtype)
+        qweight, scales, zeros = w4_weights(n, k, g, dtype)
         x = torch.randn(m, k, device="cuda", dtype=dtype)
         bias = torch.randn(n, device="cuda", dtype=dtype) if with_bias else None
         w = dequantize_groups(qweight, scales, zeros, g, 4).float()  # [N, K]
@@ -55,7 +48,7 @@ def _triton_kernel(x, qweight, scales, zeros):
 def bench() -> list:
     rows = []
     for m, (n, k) in itertools.product((1, 4, 8), LLAMA_7B):
-        qweight, scales, zeros = _weights(n, k, GROUP, torch.bfloat16)
+        qweight, scales, zeros = w4_weights(n, k, GROUP, torch.bfloat16)
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         w = dequantize_groups(qweight, scales, zeros, GROUP, 4)  # [N, K] bf16, the baseline's weight
         weight_bytes = n * k // 2 + 2 * n * (k // GROUP) * 2

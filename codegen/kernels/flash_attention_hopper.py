@@ -28,12 +28,13 @@ the device, so its launches need Triton's global-scratch allocator: one backed b
 allocator is set for the launch only.
 """
 import math
-import warnings
 
 import torch
 import triton
 import triton.language as tl
 from triton.runtime import _allocation
+
+from llmopt.codegen.kernels.first_use_check import passes_first_use_check
 
 try:  # Gluon's Hopper modules: Triton >= 3.6
     from llmopt.codegen.kernels import flash_attention_gluon
@@ -162,19 +163,10 @@ def _matches_portable_kernel(name, device, dtype, head_dim, causal) -> bool:
     ref = flash_attention(q, k, v, scale, causal, kernel="portable").float()
     label = {"gluon": "Gluon", "warp_specialized": "warp-specialized"}[name]
     where = f"on this GPU and Triton {triton.__version__} ({dtype}, head dim {head_dim}, causal={causal})"
-    try:  # another Triton may not compile it: the features it relies on are young
-        out = run(name, q, k, v, torch.empty_like(ref, dtype=dtype), scale, causal).float()
-    except Exception as err:  # noqa: BLE001  (any compile or launch failure means: do not use this path)
-        detail = (str(err).strip().splitlines() or [""])[-1][:200]  # Triton's last line names the failure
-        warnings.warn(f"llmopt: the {label} attention kernel failed {where}: {type(err).__name__}: {detail}; "
-                      "not using it for these calls.", RuntimeWarning, stacklevel=3)
-        return False
-    err = ((out - ref).norm() / ref.norm()).item()
-    if not err < 2e-2:  # catches NaN too; the two kernels differ by rounding only (~1e-3 in bf16)
-        warnings.warn(f"llmopt: the {label} attention kernel gives a relative error of {err:.2e} against the portable "
-                      f"kernel {where}; not using it for these calls.", RuntimeWarning, stacklevel=3)
-        return False
-    return True
+    # the two kernels differ by rounding only (~1e-3 in bf16)
+    return passes_first_use_check(f"{label} attention kernel", where,
+                                  lambda: run(name, q, k, v, torch.empty_like(ref, dtype=dtype), scale, causal), ref,
+                                  2e-2, "portable kernel", "not using it for these calls", stacklevel=3)
 
 
 def flash_attention_ws(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, scale: float,

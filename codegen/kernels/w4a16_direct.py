@@ -28,14 +28,13 @@ shift and `lop3` give four registers p = 0..3 of two values each, the nibbles p 
 same thread position and paired the same way (one `prmt` per register), so the B operand matches: both
 `convert_layout(..., assert_trivial=True)` compile to nothing.
 """
-import warnings
-
 import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
+from llmopt.codegen.kernels.first_use_check import passes_first_use_check
 from llmopt.codegen.kernels.tuning import quick_bench
 
 TILE_K = 128  # k a block: 64 bytes a row, one group at G >= 128
@@ -253,19 +252,10 @@ def _matches_reference(device: torch.device, dtype: torch.dtype) -> bool:
     bias = torch.randn(n, device=device, dtype=dtype, generator=gen)
     ref = x.float() @ dequantize_groups(qweight, scales, zeros, g, 4).float().t() + bias.float()
     where = f"on this GPU and Triton {triton.__version__} ({dtype})"
-    try:  # another Triton may not compile it: Gluon's API is young
-        y = linear_w4_direct(x, qweight, scales, zeros, bias, g, CONFIGS[0]).float()
-    except Exception as err:  # noqa: BLE001  (any compile or launch failure means: do not use this path)
-        detail = (str(err).strip().splitlines() or [""])[-1][:200]  # Triton's last line names the failure
-        warnings.warn(f"llmopt: the direct W4A16 kernel failed {where}: {type(err).__name__}: {detail}; "
-                      "using the Triton kernel instead.", RuntimeWarning, stacklevel=4)
-        return False
-    err = ((y - ref).norm() / ref.norm()).item()
-    if not err < 1e-2:  # catches NaN too; bf16 rounding of the output is ~2e-3
-        warnings.warn(f"llmopt: the direct W4A16 kernel gives a relative error of {err:.2e} against the reference "
-                      f"{where}; using the Triton kernel instead.", RuntimeWarning, stacklevel=4)
-        return False
-    return True
+    # bf16 rounding of the output is ~2e-3
+    return passes_first_use_check("direct W4A16 kernel", where,
+                                  lambda: linear_w4_direct(x, qweight, scales, zeros, bias, g, CONFIGS[0]), ref, 1e-2,
+                                  "reference", "using the Triton kernel instead", stacklevel=4)
 
 
 def linear_w4_direct(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bias,
