@@ -5,8 +5,8 @@ Entry point: `run(ceilings) -> list[dict]`; `python -m benchmarks.bench_gemm` me
 (`x @ Wᵀ` with W in bf16) in the same run. Both sides are captured in a CUDA graph and timed as
 graph replays (as the runtime runs decode steps), so Python's launch cost stays out of GPU times;
 do_bench clears L2 before every repetition, so the weights come from HBM each time. Formulas:
-- W4A16 (`linear_wq`, 4 bits, group 128, bf16; at M <= 8 on sm_90 its register-direct Gluon kernel, "config"
-  names it): weight bytes = N·K/2 (nibbles) + 2·N·(K/128)·2
+- W4A16 (`linear_wq`, 4 bits, group 128, bf16; on sm_90 its Gluon kernels at M <= 8 (register-direct) and
+  17 <= M <= 128 (wgmma), "config" names which): weight bytes = N·K/2 (nibbles) + 2·N·(K/128)·2
   (bf16 scales and zeros); GB/s = weight bytes / time; % BW = that over the measured copy
   bandwidth (read + write bytes of a large device copy). Two timings per side: one call per graph
   replay (which includes a fixed ~8 µs of graph launch and first memory round trip that both sides
@@ -26,7 +26,7 @@ from benchmarks.common import header, measure_ceilings, print_table, rel_err, ti
 from benchmarks.read_floor import read_floor_ms
 from llmopt.codegen.kernels.quantize_rows import quantize_rows
 from llmopt.codegen.kernels.w4a16_gemm import (DECODE_MAX_M, FUSED_MAX_M, _wq_gemm_kernel, _wq_gemv_kernel, linear_wq,
-                                               w4a16_direct)
+                                               w4a16_direct, w4a16_wgmma)
 from llmopt.codegen.kernels.w8a8_gemm import _w8a8_gemm_kernel, int8_gemm_scaled, linear_w8a8
 from llmopt.ops.linear_wq import dequantize_groups, pack_int4
 
@@ -71,7 +71,8 @@ def w4a16_case(m: int, n: int, k: int, ceilings: dict) -> dict:
     weight_bytes = n * k // 2 + 2 * n * (k // GROUP) * 2
     gbs = weight_bytes / t / 1e6
     direct = w4a16_direct.choose(x, qweight, GROUP, 4) if w4a16_direct is not None else None
-    config = (f"direct KW={direct[0]} ROW_TILES={direct[1]}" if direct else
+    wgmma = w4a16_wgmma.choose(x, qweight, GROUP, 4) if w4a16_wgmma is not None else None
+    config = (f"direct KW={direct[0]} ROW_TILES={direct[1]}" if direct else f"wgmma SPLIT_K={wgmma}" if wgmma else
               _best(_wq_gemv_kernel if m <= DECODE_MAX_M else _wq_gemm_kernel) if m <= FUSED_MAX_M else "dequantize + cuBLAS")
     copies = _stream_copies(weight_bytes)
     qws = [(qweight.clone(), scales.clone(), zeros.clone()) for _ in range(copies)]

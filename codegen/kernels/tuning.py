@@ -1,7 +1,9 @@
 """The autotuning timer the templates share.
 
-Entry point: `quick_bench`, passed as `triton.autotune(..., do_bench=quick_bench)`: short, since tuning
-runs once per shape and GPU, on the first call.
+Entry points: `quick_bench`, passed as `triton.autotune(..., do_bench=quick_bench)`: short, since tuning
+runs once per shape and GPU, on the first call; and `streaming_bench(make_call, weight_bytes, device)`, for the
+kernels whose weights a model streams from memory (a layer's weights are not in L2 when it runs): it times calls
+over enough copies of the weights that none is in L2 when its turn comes.
 
 Every llmopt autotuner also passes `cache_results=True`: Triton keeps each choice on disk, in its cache
 directory (TRITON_CACHE_DIR), keyed by the kernel's source, the GPU target, the tuning key and the
@@ -9,8 +11,20 @@ configs, so a new process reuses it instead of timing the configs again (`benchm
 measures what that saves). Triton cannot keep the choice of a kernel whose configs have pre-hooks (the
 TMA W8A8 GEMM's): that one still tunes once per process.
 """
+import itertools
+
+import torch
 import triton.testing
 
 
 def quick_bench(kernel_call, quantiles):
     return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+
+
+def streaming_bench(make_call, weight_bytes: int, device: torch.device) -> float:
+    """make_call(i) -> a call on the i-th copy of the weights (weight_bytes each) -> ms a call, the calls taken in
+    turn over at least twice the L2 cache (16 copies at most)."""
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size
+    calls = [make_call(i) for i in range(max(1, min(16, -(-2 * l2 // weight_bytes))))]
+    turn = itertools.cycle(calls)
+    return quick_bench(lambda: next(turn)(), None)

@@ -1,8 +1,9 @@
 """Weight-only group-quantized linear (W4/W3/W8, A16/A32) in Triton, reading the canonical layout.
 
 Entry point: `linear_wq(x, qweight, scales, zeros, bias, group_size, bits)`, the same function as
-`torch.ops.llmopt.linear_wq` up to fp32 rounding (see below). On sm_90, up to 8 rows of 16-bit x against 4-bit
-weights in groups of >= 128 run `w4a16_direct.py`'s Gluon kernel (1.06-1.16x this module's on the H100); else,
+`torch.ops.llmopt.linear_wq` up to fp32 rounding (see below). On sm_90, 16-bit x against 4-bit weights in groups
+of >= 128 runs a Gluon kernel at up to 8 rows (`w4a16_direct.py`, 1.06-1.16x this module's on the H100) and at 17
+to 128 rows (`w4a16_wgmma.py`, 1.06-1.69x what ran there before); else,
 up to FUSED_MAX_M rows it runs the fused kernel below; above, it dequantizes the weight into a temporary (`dequantize_wq.py`) and calls
 `torch.nn.functional.linear`, as the reference does, so the result is the reference's exactly: on the
 H200 that was 1.06-2.46x faster than the fused kernel at M = 128 to 4096 (benchmarks/RESULTS.md). The weight is read as stored
@@ -42,12 +43,13 @@ import triton
 import triton.language as tl
 
 from llmopt.codegen.kernels.dequantize_wq import dequantize_wq
+from llmopt.codegen.kernels.split_k import arrival_counters
 from llmopt.codegen.kernels.tuning import quick_bench
 
-try:  # Gluon's mma_v2 and linear layouts: Triton >= 3.6
-    from llmopt.codegen.kernels import w4a16_direct
+try:  # Gluon's mma_v2, wgmma and linear layouts: Triton >= 3.6
+    from llmopt.codegen.kernels import w4a16_direct, w4a16_wgmma
 except ImportError:
-    w4a16_direct = None
+    w4a16_direct = w4a16_wgmma = None
 
 _INTERPRET = triton.knobs.runtime.interpret
 DECODE_MAX_M = 16
@@ -295,17 +297,6 @@ _wq_gemv_kernel = triton.autotune(configs=_DECODE_CONFIGS, **_AUTOTUNE)(_wq_kern
 _wq_gemm_kernel = triton.autotune(configs=_GEMM_CONFIGS, **_AUTOTUNE)(_wq_kernel)  # 16 < M <= FUSED_MAX_M
 _MAX_SPLIT_K = {k: max(c.kwargs["SPLIT_K"] for c in k.configs) for k in (_wq_gemv_kernel, _wq_gemm_kernel)}
 
-_counters = {}  # device -> int32 split-K arrival counters, all zero between launches
-
-
-def _split_k_counters(device: torch.device, n_tiles: int) -> torch.Tensor:
-    buf = _counters.get(device)
-    if buf is None or buf.numel() < n_tiles:
-        buf = torch.zeros(max(n_tiles, 1024), dtype=torch.int32, device=device)
-        _counters[device] = buf
-    return buf
-
-
 def linear_wq(
     x: torch.Tensor,  # [..., K] fp16/bf16/fp32
     qweight: torch.Tensor,  # [N, K // 2] (bits <= 4) or [N, K] (bits == 8) uint8
@@ -328,6 +319,10 @@ def linear_wq(
     qweight, scales = qweight.contiguous(), scales.contiguous()
     zeros = zeros.to(scales.dtype).contiguous()
     bias = None if bias is None else bias.to(x.dtype).contiguous()
+    wgmma = None if w4a16_wgmma is None or _INTERPRET else w4a16_wgmma.choose(x2, qweight, group_size, bits)
+    if wgmma is not None:  # 9 <= M <= 128 on sm_90: weights in registers as wgmma's A (w4a16_wgmma.py)
+        y = w4a16_wgmma.linear_w4_wgmma(x2, qweight, scales, zeros, bias, group_size, wgmma)
+        return y.reshape(*lead, n)
     if m > FUSED_MAX_M:
         w = dequantize_wq(qweight, scales, zeros, group_size, bits, x.dtype)  # w: [N, K]
         return torch.nn.functional.linear(x2, w, bias).reshape(*lead, n)
@@ -340,7 +335,7 @@ def linear_wq(
         return y.reshape(*lead, n)
     kernel = _wq_gemv_kernel if m <= DECODE_MAX_M else _wq_gemm_kernel
     ws = torch.empty(_MAX_SPLIT_K[kernel], m, n, dtype=torch.float32, device=x.device)  # ws: [S, M, N]
-    counters = _split_k_counters(x.device, triton.cdiv(m, _MIN_TILE) * triton.cdiv(n, _MIN_TILE))
+    counters = arrival_counters(x.device, triton.cdiv(m, _MIN_TILE) * triton.cdiv(n, _MIN_TILE))
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
     kernel[grid](
         x2, qweight, scales, zeros, bias if bias is not None else scales, y, ws, counters,
