@@ -34,14 +34,11 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-from llmopt.codegen.kernels.first_use_check import passes_first_use_check
-from llmopt.codegen.kernels.tuning import streaming_bench
+from llmopt.codegen.kernels.w4a16_first_use import TILE_K, fastest_streaming, first_use_config, matches_reference
 
-TILE_K = 128  # k a block: 64 bytes a row, one group at G >= 128
 BLOCK_K = gl.constexpr(TILE_K)
 MAX_M = 8  # x rows: the mma's n = 8 (M = 16 measured slower than the Triton kernel)
 BLOCK_M = gl.constexpr(MAX_M)
-DTYPES = (torch.bfloat16, torch.float16)
 
 
 @gluon.constexpr_function
@@ -162,7 +159,8 @@ def _w4_direct_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, num_kb, s
     w_ptrs = qw_ptr.to(gl.pointer_type(gl.int32)) + rows[None, :, None] * (stride_qn // 4) + wu[None, None, :]
     # x words [1, BLOCK_M, 64] of block 0
     xk = gl.arange(0, KW, layout=gl.SliceLayout(1, gl.SliceLayout(2, x_layout)))
-    xm = gl.minimum(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, gl.SliceLayout(2, x_layout))), M - 1)  # rows past M: copies
+    # rows past M: copies of row M - 1
+    xm = gl.minimum(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, gl.SliceLayout(2, x_layout))), M - 1)
     xu = gl.arange(0, 64, layout=gl.SliceLayout(0, gl.SliceLayout(1, x_layout)))
     x_ptrs = x_ptr.to(gl.pointer_type(gl.int32)) + xm[None, :, None] * (stride_xm // 2) + xu[None, None, :]
     # zero points and scales [1, BN] of group 0, in the accumulator's row layout
@@ -204,65 +202,15 @@ def choose(x: torch.Tensor, qweight: torch.Tensor, group_size: int, bits: int):
     """x: [M, K] contiguous, qweight: [N, K // 2] contiguous -> the (KW, ROW_TILES) config to run this kernel with,
     or None for the Triton kernel. The first call per device and dtype checks the kernel (Gluon's API moves between
     Triton releases: a failure to compile or a wrong result warns and turns it off); the first call per shape
-    times CONFIGS and keeps the fastest (during CUDA-graph capture, where neither can run: the Triton kernel)."""
-    m, k = x.shape
-    if not (x.is_cuda and x.dtype in DTYPES and bits in (3, 4) and group_size >= TILE_K
-            and group_size & (group_size - 1) == 0 and k % group_size == 0 and 0 < m <= MAX_M
-            and x.data_ptr() % 16 == 0 and qweight.data_ptr() % 16 == 0
-            and torch.cuda.get_device_capability(x.device) == (9, 0)):
-        return None
-    capturing = torch.cuda.is_current_stream_capturing()
-    check_key = (x.device.index, x.dtype)
-    if check_key not in _checked:
-        if capturing:
-            return None
-        _checked[check_key] = _matches_reference(x.device, x.dtype)
-    if not _checked[check_key]:
-        return None
-    n = qweight.shape[0]
-    tune_key = (x.device.index, x.dtype, triton.next_power_of_2(m), n, k, group_size)
-    if tune_key not in _tuned:
-        if capturing:
-            return None
-        _tuned[tune_key] = _fastest(x, n, k, group_size)
-    return _tuned[tune_key]
-
-
-def _fastest(x: torch.Tensor, n: int, k: int, group_size: int):
-    """The fastest of CONFIGS for x against random [n, k] weights, streamed from memory (`streaming_bench`: timing
-    calls on one copy, which L2 holds, picked configs up to 1.2x slower than the best on the H100)."""
-    x = torch.randn_like(x)
-    weights = []
-
-    def make_call(i, cfg):
-        while len(weights) <= i:
-            weights.append((torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=x.device),
-                            torch.rand(n, k // group_size, dtype=x.dtype, device=x.device),
-                            torch.randint(0, 16, (n, k // group_size), device=x.device).to(x.dtype)))
-        return lambda: linear_w4_direct(x, *weights[i], None, group_size, cfg)
-
-    weight_bytes = n * k // 2 + 4 * n * (k // group_size)
-    times = {cfg: streaming_bench(lambda i, cfg=cfg: make_call(i, cfg), weight_bytes, x.device) for cfg in CONFIGS}
-    return min(times, key=times.get)
+    times CONFIGS and keeps the fastest (`w4a16_first_use.py`)."""
+    return first_use_config(x, qweight, group_size, bits, range(1, MAX_M + 1), _checked, _tuned, _matches_reference,
+                            lambda *shape: fastest_streaming(linear_w4_direct, CONFIGS, *shape))
 
 
 def _matches_reference(device: torch.device, dtype: torch.dtype) -> bool:
-    """Runs the kernel on a small odd case (partial row tile, 3 rows of x, groups of 256, bias) against the reference."""
-    from llmopt.ops.linear_wq import dequantize_groups
-
-    gen = torch.Generator(device=device).manual_seed(0)
-    n, k, g = 100, 1024, 256
-    x = torch.randn(3, k, device=device, dtype=dtype, generator=gen)
-    qweight = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=device, generator=gen)
-    scales = (torch.rand(n, k // g, device=device, generator=gen) * 0.02 + 0.005).to(dtype)
-    zeros = torch.randint(0, 16, (n, k // g), device=device, generator=gen).to(dtype)
-    bias = torch.randn(n, device=device, dtype=dtype, generator=gen)
-    ref = x.float() @ dequantize_groups(qweight, scales, zeros, g, 4).float().t() + bias.float()
-    where = f"on this GPU and Triton {triton.__version__} ({dtype})"
-    # bf16 rounding of the output is ~2e-3
-    return passes_first_use_check("direct W4A16 kernel", where,
-                                  lambda: linear_w4_direct(x, qweight, scales, zeros, bias, g, CONFIGS[0]), ref, 1e-2,
-                                  "reference", "using the Triton kernel instead", stacklevel=4)
+    """The kernel on a small odd case (partial row tile, 3 rows of x, groups of 256, bias) against the reference."""
+    return matches_reference(lambda *args: linear_w4_direct(*args, CONFIGS[0]), "direct W4A16 kernel",
+                             "using the Triton kernel instead", 3, 100, 1024, 256, device, dtype)
 
 
 def linear_w4_direct(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bias,

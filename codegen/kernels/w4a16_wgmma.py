@@ -18,7 +18,7 @@ stores each block of x in that same logical order of k (one `prmt` per two value
 touch shared memory and one barrier a block orders the x stores before the wgmma that reads them. Split-K over
 programs (the last to arrive sums the fp32 partials, as `w4a16_gemm.py` does) fills the GPU.
 
-Measured on the H100 (benchmarks/RESULTS.md, `python -m benchmarks.bench_w4_kernels wgmma`): 1.06-1.69x what
+Measured on the H100 (benchmarks/RESULTS.md, `python -m benchmarks.bench_w4_kernels wgmma`): 1.07-1.55x what
 `linear_wq` ran before at M = 32 to 128 (the Triton kernel to 64, dequantize + cuBLAS above), no faster than the
 Triton kernel at M = 16, hence M >= 17. Still slower than bf16 at M = 128: staging x costs each thread BM / 2
 stores a block, and the warpgroup waits for each wgmma.
@@ -29,10 +29,9 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
 
-from llmopt.codegen.kernels.first_use_check import passes_first_use_check
 from llmopt.codegen.kernels.split_k import arrival_counters
-from llmopt.codegen.kernels.tuning import streaming_bench
-from llmopt.codegen.kernels.w4a16_direct import _W_ASM_BF16, _W_ASM_FP16, _X_ASM, DTYPES, TILE_K
+from llmopt.codegen.kernels.w4a16_direct import _W_ASM_BF16, _W_ASM_FP16, _X_ASM
+from llmopt.codegen.kernels.w4a16_first_use import TILE_K, fastest_streaming, first_use_config, matches_reference
 
 BLOCK_K = gl.constexpr(TILE_K)
 _cta_barrier = gl.barrier if hasattr(gl, "barrier") else gl.thread_barrier  # renamed after Triton 3.6
@@ -202,7 +201,7 @@ def _store(y_ptr, b_ptr, acc, offs_m, offs_n, N, mask, stride_ym, HAS_BIAS: gl.c
 
 CONFIGS = [2, 4, 8]  # SPLIT_K: the programs an output tile's K is split over (1 and 16 never won on the H100)
 _checked = {}  # (device index, dtype) -> whether the kernel matched the reference on a small odd case
-_tuned = {}  # (device index, dtype, BM, N, K, G) -> the fastest of CONFIGS
+_tuned = {}  # (device index, dtype, M bucket, N, K, G) -> the fastest of CONFIGS
 
 
 def tile_m(m: int) -> int:
@@ -212,67 +211,18 @@ def tile_m(m: int) -> int:
 
 def choose(x: torch.Tensor, qweight: torch.Tensor, group_size: int, bits: int):
     """x: [M, K] contiguous, qweight: [N, K // 2] contiguous -> the split_k to run this kernel with, or None for
-    linear_wq's other paths. The first call per device and dtype checks the kernel against the
-    reference (a failure to compile or a wrong result warns and turns it off); the first call per shape times
-    CONFIGS and keeps the fastest (during CUDA-graph capture, where neither can run: the Triton kernel)."""
-    m, k = x.shape
-    if not (x.is_cuda and x.dtype in DTYPES and bits in (3, 4) and group_size >= TILE_K
-            and group_size & (group_size - 1) == 0 and k % group_size == 0 and MIN_M <= m <= MAX_M
-            and x.data_ptr() % 16 == 0 and qweight.data_ptr() % 16 == 0
-            and torch.cuda.get_device_capability(x.device) == (9, 0)):
-        return None
-    capturing = torch.cuda.is_current_stream_capturing()
-    check_key = (x.device.index, x.dtype)
-    if check_key not in _checked:
-        if capturing:
-            return None
-        _checked[check_key] = _matches_reference(x.device, x.dtype)
-    if not _checked[check_key]:
-        return None
-    n = qweight.shape[0]
-    tune_key = (x.device.index, x.dtype, tile_m(m), n, k, group_size)
-    if tune_key not in _tuned:
-        if capturing:
-            return None
-        _tuned[tune_key] = _fastest(x, n, k, group_size)
-    return _tuned[tune_key]
-
-
-def _fastest(x: torch.Tensor, n: int, k: int, group_size: int):
-    """The fastest of CONFIGS for x against random [n, k] weights, streamed from memory (`streaming_bench`: timing
-    calls on one copy, which L2 holds, picked configs up to 1.2x slower than the best on the H100)."""
-    x = torch.randn_like(x)
-    weights = []
-
-    def make_call(i, cfg):
-        while len(weights) <= i:
-            weights.append((torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=x.device),
-                            torch.rand(n, k // group_size, dtype=x.dtype, device=x.device),
-                            torch.randint(0, 16, (n, k // group_size), device=x.device).to(x.dtype)))
-        return lambda: linear_w4_wgmma(x, *weights[i], None, group_size, cfg)
-
-    weight_bytes = n * k // 2 + 4 * n * (k // group_size)
-    times = {cfg: streaming_bench(lambda i, cfg=cfg: make_call(i, cfg), weight_bytes, x.device) for cfg in CONFIGS}
-    return min(times, key=times.get)
+    linear_wq's other paths. The first call per device and dtype checks the kernel against the reference (a failure
+    to compile or a wrong result warns and turns it off); the first call per shape times CONFIGS and keeps the
+    fastest (`w4a16_first_use.py`)."""
+    return first_use_config(x, qweight, group_size, bits, range(MIN_M, MAX_M + 1), _checked, _tuned,
+                            _matches_reference, lambda *shape: fastest_streaming(linear_w4_wgmma, CONFIGS, *shape))
 
 
 def _matches_reference(device: torch.device, dtype: torch.dtype) -> bool:
-    """Runs the kernel on a small odd case (partial tiles, 37 rows of x, groups of 256, bias, split K) against the
+    """The kernel on a small odd case (partial tiles, 37 rows of x, groups of 256, bias, split K) against the
     reference."""
-    from llmopt.ops.linear_wq import dequantize_groups
-
-    gen = torch.Generator(device=device).manual_seed(0)
-    n, k, g = 200, 1280, 256
-    x = torch.randn(37, k, device=device, dtype=dtype, generator=gen)
-    qweight = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=device, generator=gen)
-    scales = (torch.rand(n, k // g, device=device, generator=gen) * 0.02 + 0.005).to(dtype)
-    zeros = torch.randint(0, 16, (n, k // g), device=device, generator=gen).to(dtype)
-    bias = torch.randn(n, device=device, dtype=dtype, generator=gen)
-    ref = x.float() @ dequantize_groups(qweight, scales, zeros, g, 4).float().t() + bias.float()
-    where = f"on this GPU and Triton {triton.__version__} ({dtype})"
-    return passes_first_use_check("wgmma W4A16 kernel", where,
-                                  lambda: linear_w4_wgmma(x, qweight, scales, zeros, bias, g, 2), ref, 1e-2,
-                                  "reference", "using linear_wq's other paths instead", stacklevel=4)
+    return matches_reference(lambda *args: linear_w4_wgmma(*args, 2), "wgmma W4A16 kernel",
+                             "using linear_wq's other paths instead", 37, 200, 1280, 256, device, dtype)
 
 
 def linear_w4_wgmma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bias,

@@ -104,17 +104,15 @@ def test_direct_kernel_matches_reference_in_every_config(poison, m, n, k, g, dty
         assert torch.equal(y, linear_w4_direct(x, qweight, scales, zeros, bias, g, config))  # deterministic
 
 
-@pytest.mark.gpu
-@needs_hopper
-def test_linear_wq_takes_the_direct_kernel_for_decode_rows_only(monkeypatch):
-    from llmopt.codegen.kernels import w4a16_direct, w4a16_gemm
+def assert_linear_wq_routes(monkeypatch, module, entry: str, cases: list):
+    """cases: (M, G, bits, whether linear_wq should call module.entry); every answer matches the reference op."""
+    from llmopt.codegen.kernels import w4a16_gemm
 
     calls = []
-    direct = w4a16_direct.linear_w4_direct
-    monkeypatch.setattr(w4a16_direct, "linear_w4_direct", lambda *a, **kw: calls.append(a[0].shape) or direct(*a, **kw))
+    kernel = getattr(module, entry)
+    monkeypatch.setattr(module, entry, lambda *a, **kw: calls.append(a[0].shape) or kernel(*a, **kw))
     n, k = 520, 1024
-    for m, g, bits, expected in [(1, 128, 4, True), (8, 256, 3, True), (9, 128, 4, False), (4, 64, 4, False),
-                                 (4, 128, 8, False)]:
+    for m, g, bits, expected in cases:
         calls.clear()
         x, qweight, scales, zeros, bias = _inputs(m, n, k, g, torch.bfloat16, True, seed=m)
         if bits == 8:
@@ -127,21 +125,39 @@ def test_linear_wq_takes_the_direct_kernel_for_decode_rows_only(monkeypatch):
         assert ((y[0].float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
 
 
-@pytest.mark.gpu
-@needs_hopper
-def test_a_failing_direct_kernel_warns_and_the_triton_kernel_runs(monkeypatch):
-    from llmopt.codegen.kernels import w4a16_direct, w4a16_gemm
+def assert_failing_kernel_warns_once(monkeypatch, module, entry: str, m: int, match: str):
+    """module.entry raising as a Triton that cannot compile it would: linear_wq warns (match), once, and answers."""
+    from llmopt.codegen.kernels import w4a16_gemm
 
     def broken(*args, **kwargs):
         raise RuntimeError("PassManager::run failed")
 
-    monkeypatch.setattr(w4a16_direct, "_checked", {})
-    monkeypatch.setattr(w4a16_direct, "linear_w4_direct", broken)  # as a Triton that cannot compile it
-    x, qweight, scales, zeros, bias = _inputs(1, 256, 512, 128, torch.bfloat16, False)
-    with pytest.warns(RuntimeWarning, match="direct W4A16 kernel failed .*PassManager::run failed; using the Triton"):
+    monkeypatch.setattr(module, "_checked", {})
+    monkeypatch.setattr(module, entry, broken)
+    x, qweight, scales, zeros, bias = _inputs(m, 256, 512, 128, torch.bfloat16, False)
+    with pytest.warns(RuntimeWarning, match=match):
         y = w4a16_gemm.linear_wq(x, qweight, scales, zeros, bias, 128, 4)
     ref = torch.ops.llmopt.linear_wq(x, qweight, scales, zeros, bias, 128, 4)
     assert ((y.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # checked once: no second warning
         w4a16_gemm.linear_wq(x, qweight, scales, zeros, bias, 128, 4)
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_linear_wq_takes_the_direct_kernel_for_decode_rows_only(monkeypatch):
+    from llmopt.codegen.kernels import w4a16_direct
+
+    assert_linear_wq_routes(monkeypatch, w4a16_direct, "linear_w4_direct",
+                            [(1, 128, 4, True), (8, 256, 3, True), (9, 128, 4, False), (4, 64, 4, False),
+                             (4, 128, 8, False)])
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_a_failing_direct_kernel_warns_and_the_triton_kernel_runs(monkeypatch):
+    from llmopt.codegen.kernels import w4a16_direct
+
+    assert_failing_kernel_warns_once(monkeypatch, w4a16_direct, "linear_w4_direct", 1,
+                                     "direct W4A16 kernel failed .*PassManager::run failed; using the Triton")

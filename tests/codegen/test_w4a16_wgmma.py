@@ -6,14 +6,14 @@ config against the reference on odd shapes, fp16 and bf16, outputs poisoned; lin
 should; a kernel that fails its check warns and leaves linear_wq's other paths in charge.
 """
 import sys
-import warnings
 
 import pytest
 import torch
 
 import llmopt.ops  # noqa: F401  (registers torch.ops.llmopt)
 from tests.background import Job
-from tests.codegen.test_w4a16_direct import _inputs, _reference
+from tests.codegen.test_w4a16_direct import (_inputs, _reference, assert_failing_kernel_warns_once,
+                                             assert_linear_wq_routes)
 
 needs_hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
                                   reason="the wgmma kernel runs on sm_90 GPUs")
@@ -98,41 +98,17 @@ def test_wgmma_kernel_matches_reference_in_every_config(poison, m, n, k, g, dtyp
 @pytest.mark.gpu
 @needs_hopper
 def test_linear_wq_takes_the_wgmma_kernel_for_17_to_128_rows_only(monkeypatch):
-    from llmopt.codegen.kernels import w4a16_gemm, w4a16_wgmma
+    from llmopt.codegen.kernels import w4a16_wgmma
 
-    calls = []
-    kernel = w4a16_wgmma.linear_w4_wgmma
-    monkeypatch.setattr(w4a16_wgmma, "linear_w4_wgmma", lambda *a, **kw: calls.append(a[0].shape) or kernel(*a, **kw))
-    n, k = 520, 1024
-    for m, g, bits, expected in [(17, 128, 4, True), (64, 256, 3, True), (128, 128, 4, True), (16, 128, 4, False),
-                                 (129, 128, 4, False), (32, 64, 4, False), (32, 128, 8, False)]:
-        calls.clear()
-        x, qweight, scales, zeros, bias = _inputs(m, n, k, g, torch.bfloat16, True, seed=m)
-        if bits == 8:
-            qweight = torch.randint(0, 256, (n, k), dtype=torch.uint8, device="cuda")
-        x3 = x.reshape(1, m, k)  # leading dims are kept
-        y = w4a16_gemm.linear_wq(x3, qweight, scales, zeros, bias, g, bits)
-        assert y.shape == (1, m, n)
-        assert bool(calls) == expected, (m, g, bits)
-        ref = torch.ops.llmopt.linear_wq(x, qweight, scales, zeros, bias, g, bits)
-        assert ((y[0].float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
+    assert_linear_wq_routes(monkeypatch, w4a16_wgmma, "linear_w4_wgmma",
+                            [(17, 128, 4, True), (64, 256, 3, True), (128, 128, 4, True), (16, 128, 4, False),
+                             (129, 128, 4, False), (32, 64, 4, False), (32, 128, 8, False)])
 
 
 @pytest.mark.gpu
 @needs_hopper
 def test_a_failing_wgmma_kernel_warns_and_linear_wq_still_answers(monkeypatch):
-    from llmopt.codegen.kernels import w4a16_gemm, w4a16_wgmma
+    from llmopt.codegen.kernels import w4a16_wgmma
 
-    def broken(*args, **kwargs):
-        raise RuntimeError("PassManager::run failed")
-
-    monkeypatch.setattr(w4a16_wgmma, "_checked", {})
-    monkeypatch.setattr(w4a16_wgmma, "linear_w4_wgmma", broken)  # as a Triton that cannot compile it
-    x, qweight, scales, zeros, bias = _inputs(48, 256, 512, 128, torch.bfloat16, False)
-    with pytest.warns(RuntimeWarning, match="wgmma W4A16 kernel failed .*PassManager::run failed; using linear_wq"):
-        y = w4a16_gemm.linear_wq(x, qweight, scales, zeros, bias, 128, 4)
-    ref = torch.ops.llmopt.linear_wq(x, qweight, scales, zeros, bias, 128, 4)
-    assert ((y.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # checked once: no second warning
-        w4a16_gemm.linear_wq(x, qweight, scales, zeros, bias, 128, 4)
+    assert_failing_kernel_warns_once(monkeypatch, w4a16_wgmma, "linear_w4_wgmma", 48,
+                                     "wgmma W4A16 kernel failed .*PassManager::run failed; using linear_wq")
