@@ -29,18 +29,19 @@ from llmopt.codegen.kernels import w4a16_wgmma
 
 kernel = w4a16_wgmma._w4_wgmma_kernel
 sig = {name: "i32" for name in kernel.arg_names}
-sig.update(x_ptr="*bf16", qw_ptr="*u8", s_ptr="*bf16", z_ptr="*bf16", b_ptr="*bf16", y_ptr="*bf16", ws_ptr="*fp32",
-           count_ptr="*i32", GROUP_SIZE="constexpr", BM="constexpr", SPLIT_K="constexpr", HAS_BIAS="constexpr")
+sig.update(x_desc=f"tensordesc<bf16[64, 128],{w4a16_wgmma._X_SMEM_LAYOUT!r}>", qw_ptr="*u8", s_ptr="*bf16",
+           z_ptr="*bf16", b_ptr="*bf16", y_ptr="*bf16", ws_ptr="*fp32", count_ptr="*i32", GROUP_SIZE="constexpr",
+           SPLIT_K="constexpr", STAGES="constexpr", ASYNC="constexpr", HAS_BIAS="constexpr")
 # 16-byte aligned operands and row strides, as the launcher specializes them for contiguous tensors
-aligned = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]]
-           for n in ("x_ptr", "qw_ptr", "s_ptr", "z_ptr", "stride_xm", "stride_qn")}
-constants = {"GROUP_SIZE": 128, "BM": 64, "SPLIT_K": 2, "HAS_BIAS": True}
+aligned = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in ("qw_ptr", "s_ptr", "z_ptr", "stride_qn")}
+constants = {"GROUP_SIZE": 128, "SPLIT_K": 2, "STAGES": 4, "ASYNC": False, "HAS_BIAS": True}
 compiled = triton_compile(GluonASTSource(kernel, sig, constants, aligned), target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": 4})
 ptx = compiled.asm["ptx"]
 print(json.dumps({"wgmma": ptx.count("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16"),
                   "loads": Counter(re.findall(r"ld[.]global[.a-z0-9]*", ptx)),
-                  "stores": Counter(re.findall(r"st[.]shared[.a-z0-9]*", ptx)), "cp_async": ptx.count("cp.async"),
+                  "stores": Counter(re.findall(r"st[.]shared[.a-z0-9]*", ptx)), "cp_async": ptx.count("cp.async."),
+                  "tma": ptx.count("cp.async.bulk.tensor.2d"), "shuffles": ptx.count("shfl.sync.bfly.b32"),
                   "barriers": ptx.count("bar.sync"), "shared": compiled.metadata.shared}))
 """
 
@@ -53,7 +54,7 @@ BACKGROUND = {
 def test_wgmma_kernel_compiles_for_hopper_with_weights_in_registers():
     """Compiled for sm_90 (in a child process: this suite runs Triton's interpreter, which does not compile). The
     `assert_trivial` conversion of the dequantized weights into wgmma's A layout is part of the source, so compiling
-    at all means the nibble relabelling costs no data movement."""
+    at all means the quad's byte transpose leaves every thread its fragment in physical order of k."""
     import json
 
     done = BACKGROUND["test_wgmma_kernel_compiles_for_hopper_with_weights_in_registers"].result()
@@ -61,17 +62,15 @@ def test_wgmma_kernel_compiles_for_hopper_with_weights_in_registers():
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["wgmma"] == 16  # the loop's two blocks of 128 k, 8 k-steps each, x rows as wgmma's n = 64
     loads = result["loads"]
-    # 16-byte loads: two of weights a block (rows g and g + 8) for four block loads (two before the loop, two in
-    # it), eight of x a block (64 rows x 256 bytes over 128 threads) for three (one before, two in)
-    assert loads["ld.global.v4.b32"] == 4 * 2 + 3 * 8, loads
-    assert loads["ld.global.b16"] == 4 * 4 + 2, loads  # zero point and scale of two rows a block; the bias
-    # shared memory holds x only: 32 four-byte stores a block (64 values a thread), two blocks, and one word for
-    # the split-K counter's answer; no cp.async staging; one barrier a block and two around the split-K counter
-    # (Triton 3.6: 4; 3.9 adds 3 of its own), not one a k-step
-    stores = result["stores"]
-    assert stores["st.shared.b32"] >= 2 * 32 and sum(stores.values()) == 2 * 32 + 1, stores
-    assert result["cp_async"] == 0 and 4 <= result["barriers"] <= 7
-    assert result["shared"] == 2 * 64 * 128 * 2  # two x buffers [64, 128] bf16
+    # the weights: two 16-byte loads a block (rows g and g + 8) for four block loads (two before the loop, two in
+    # it); their zero point and scale, two rows a block, and the bias; x never passes through registers
+    assert loads["ld.global.v4.b32"] == 4 * 2 and loads["ld.global.b16"] == 4 * 4 + 2, loads
+    # x comes by TMA: STAGES loads before the loop, one a block in it; the weights' transpose is four shuffles a row
+    # and block; the threads store nothing to shared memory but the split-K counter's answer
+    assert result["tma"] == 4 + 2 and result["shuffles"] == 2 * 2 * 4 and result["cp_async"] == result["tma"]
+    assert sum(result["stores"].values()) == 1, result["stores"]
+    assert result["barriers"] <= 40  # Triton 3.6: 23 (three a block, around each mbarrier's init and invalidation)
+    assert result["shared"] == 4 * 64 * 128 * 2 + 4 * 8  # four x slots [64, 128] bf16 and their mbarriers
 
 
 @pytest.mark.gpu
@@ -87,12 +86,12 @@ def test_wgmma_kernel_matches_reference_in_every_config(poison, m, n, k, g, dtyp
 
     x, qweight, scales, zeros, bias = _inputs(m, n, k, g, dtype, with_bias, seed=m + n)
     ref = _reference(x, qweight, scales, zeros, bias, g)
-    for split_k in CONFIGS + [1]:
-        y = linear_w4_wgmma(x, qweight, scales, zeros, bias, g, split_k)
+    for config in CONFIGS + [(1, 2, False), (16, 3, True)]:  # (split K, x stages); also no split, and splits without blocks
+        y = linear_w4_wgmma(x, qweight, scales, zeros, bias, g, config)
         assert y.shape == (m, n) and y.dtype == dtype
         err = ((y.float() - ref).norm() / ref.norm()).item()
-        assert err < (4e-3 if dtype == torch.bfloat16 else 1e-3), (split_k, err)  # the output's rounding
-        assert torch.equal(y, linear_w4_wgmma(x, qweight, scales, zeros, bias, g, split_k))  # deterministic
+        assert err < (4e-3 if dtype == torch.bfloat16 else 1e-3), (config, err)  # the output's rounding
+        assert torch.equal(y, linear_w4_wgmma(x, qweight, scales, zeros, bias, g, config))  # deterministic
 
 
 @pytest.mark.gpu
