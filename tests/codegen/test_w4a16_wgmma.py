@@ -1,10 +1,13 @@
 """The wgmma W4A16 kernel for small batches (codegen/kernels/w4a16_wgmma.py) and linear_wq's choice of it.
 
-On any machine: the Gluon source compiles for sm_90 with the installed Triton into what the design says (16-byte
-weight loads straight into wgmma's register operand, x alone stored to shared memory). On the GPU (`gpu`): every
+On any machine: the inline assembly that turns 16 loaded bytes into wgmma's A fragment computes, bit for bit, what
+the kernel's labels say (run on a lane quad by `ptx_quad.py`); the Gluon source compiles for sm_90 with the
+installed Triton into what the design says (16-byte weight loads straight into wgmma's register operand, x by TMA,
+no thread storing to shared memory). On the GPU (`gpu`): every
 config against the reference on odd shapes, fp16 and bf16, outputs poisoned; linear_wq takes it exactly where it
 should; a kernel that fails its check warns and leaves linear_wq's other paths in charge.
 """
+import random
 import sys
 
 import pytest
@@ -12,11 +15,45 @@ import torch
 
 import llmopt.ops  # noqa: F401  (registers torch.ops.llmopt)
 from tests.background import Job
+from tests.codegen.ptx_quad import run_on_quad
 from tests.codegen.test_w4a16_direct import (_inputs, _reference, assert_failing_kernel_warns_once,
                                              assert_linear_wq_routes)
 
 needs_hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
                                   reason="the wgmma kernel runs on sm_90 GPUs")
+
+def test_quad_transpose_leaves_each_lane_byte_c_of_every_word():
+    """Lane c of a quad loads bytes 16c .. 16c + 15 of a weight row (words j = 0..3, bytes B[c][j][b]); after the
+    two shuffle rounds its word j holds B[x][j][c] in byte x: the k pairs at 2c (mod 8) that wgmma's A fragment
+    gives quad position c."""
+    from llmopt.codegen.kernels.w4a16_wgmma import _TRANSPOSE_ASM
+
+    rng = random.Random(0)
+    for _ in range(20):
+        loaded = [[[rng.randrange(256) for b in range(4)] for j in range(4)] for c in range(4)]  # B[c][j][b]
+        words = [[int.from_bytes(bytes(loaded[c][j]), "little") for j in range(4)] for c in range(4)]
+        out = run_on_quad(_TRANSPOSE_ASM.value, words)
+        for c, j in ((c, j) for c in range(4) for j in range(4)):
+            assert list(out[c][j].to_bytes(4, "little")) == [loaded[x][j][c] for x in range(4)], (c, j)
+
+
+@pytest.mark.parametrize("dtype,magic", [(torch.bfloat16, 128), (torch.float16, 1024)])
+def test_pair_asm_makes_each_byte_the_float_pair_magic_plus_its_nibbles(dtype, magic):
+    """Register x of a transposed word: (MAGIC + low nibble, MAGIC + high nibble) of its byte x, as 16-bit floats:
+    the weights at k and k + 1 before the zero point and scale."""
+    from llmopt.codegen.kernels import w4a16_wgmma
+
+    asm = (w4a16_wgmma._PAIR_ASM_BF16 if dtype == torch.bfloat16 else w4a16_wgmma._PAIR_ASM_FP16).value
+    rng = random.Random(1)
+    words = [rng.getrandbits(32) for _ in range(1024)] + [0, 0xFFFFFFFF, 0x0F0F0F0F, 0xF0F0F0F0]
+    for start in range(0, len(words), 4):
+        out = run_on_quad(asm, [[w] for w in words[start:start + 4]])
+        for lane, word in enumerate(words[start:start + 4]):
+            signed = [r - 2**32 if r >= 2**31 else r for r in out[lane]]
+            pairs = torch.tensor(signed, dtype=torch.int32).view(dtype)  # [8]: byte x's (lo, hi) at 2x, 2x + 1
+            expected = [magic + (word >> (8 * x + 4 * e) & 0xF) for x in range(4) for e in range(2)]
+            assert pairs.tolist() == expected, hex(word)
+
 
 _COMPILE_FOR_SM90 = """
 import json
