@@ -1,10 +1,13 @@
 """The register-direct W4A16 decode kernel (codegen/kernels/w4a16_direct.py) and linear_wq's choice of it.
 
-On any machine: the Gluon source compiles for sm_90 with the installed Triton into what the design says (16-byte
-weight loads, mma.sync, no shared memory inside the loop). On the GPU (`gpu`): every config against the
+On any machine: the inline assembly that turns loaded words into mma operands computes, bit for bit, what the
+kernel's relabelling of k says (run on a lane quad by `ptx_quad.py`); the Gluon source compiles for sm_90 with the
+installed Triton into what the design says (16-byte weight loads, mma.sync, no shared memory inside the loop). On
+the GPU (`gpu`): every config against the
 reference on odd shapes, fp16 and bf16, outputs poisoned; linear_wq takes it exactly where it should; a kernel
 that fails its check warns and leaves the Triton kernel in charge.
 """
+import random
 import sys
 import warnings
 
@@ -14,6 +17,7 @@ import torch
 import llmopt.ops  # noqa: F401  (registers torch.ops.llmopt)
 from llmopt.ops.linear_wq import dequantize_groups, pack_int4
 from tests.background import Job
+from tests.codegen.ptx_quad import run_on_quad
 
 HAS_CUDA = torch.cuda.is_available()
 needs_hopper = pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability() != (9, 0),
@@ -47,6 +51,41 @@ BACKGROUND = {
     "test_direct_kernel_compiles_for_hopper_into_register_loads_and_mma":
         Job([sys.executable, "-c", _COMPILE_FOR_SM90], env_update={"TRITON_INTERPRET": "0"}, timeout=600),
 }
+
+
+def _as_16_bit(register: int, dtype: torch.dtype) -> list:
+    """A 32-bit register -> its (low, high) halves as dtype values."""
+    return torch.tensor([register - 2**32 if register >= 2**31 else register], dtype=torch.int32).view(dtype).tolist()
+
+
+@pytest.mark.parametrize("dtype,magic", [(torch.bfloat16, 128), (torch.float16, 1024)])
+def test_weight_asm_makes_register_p_the_pair_of_nibbles_p_and_p_plus_4(dtype, magic):
+    """A loaded weight word (8 nibbles, physical k 8j .. 8j + 7) -> 4 registers p = (MAGIC + nibble p,
+    MAGIC + nibble p + 4) as 16-bit floats: the pairs the module docstring labels logical k."""
+    from llmopt.codegen.kernels import w4a16_direct
+
+    asm = (w4a16_direct._W_ASM_BF16 if dtype == torch.bfloat16 else w4a16_direct._W_ASM_FP16).value
+    rng = random.Random(0)
+    words = [rng.getrandbits(32) for _ in range(1024)] + [0, 0xFFFFFFFF, 0x0F0F0F0F, 0xF0F0F0F0]
+    for start in range(0, len(words), 4):
+        out = run_on_quad(asm, [[w] for w in words[start:start + 4]])
+        for lane, word in enumerate(words[start:start + 4]):
+            for p in range(4):
+                expected = [magic + (word >> (4 * p) & 0xF), magic + (word >> (4 * p + 16) & 0xF)]
+                assert _as_16_bit(out[lane][p], dtype) == expected, (hex(word), p)
+
+
+def test_x_asm_pairs_the_halves_of_two_x_words():
+    """Two x words a (e = 0) and b (e = 1) of two values each -> (a.lo, b.lo) and (a.hi, b.hi): x in the weights'
+    logical order of k."""
+    from llmopt.codegen.kernels import w4a16_direct
+
+    rng = random.Random(1)
+    for _ in range(256):
+        pairs = [[rng.getrandbits(32), rng.getrandbits(32)] for lane in range(4)]
+        out = run_on_quad(w4a16_direct._X_ASM.value, pairs)
+        for (a, b), (lo, hi) in zip(pairs, out):
+            assert lo == (a & 0xFFFF) | (b & 0xFFFF) << 16 and hi == a >> 16 | (b >> 16) << 16
 
 
 def test_direct_kernel_compiles_for_hopper_into_register_loads_and_mma():
