@@ -30,7 +30,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
 
 from llmopt.codegen.kernels.split_k import arrival_counters
-from llmopt.codegen.kernels.w4a16_direct import _W_ASM_BF16, _W_ASM_FP16, _X_ASM
+from llmopt.codegen.kernels.w4a16_direct import _X_ASM, _dequantize
 from llmopt.codegen.kernels.w4a16_first_use import TILE_K, fastest_streaming, first_use_config, matches_reference
 
 BLOCK_K = gl.constexpr(TILE_K)
@@ -48,25 +48,6 @@ def _word_layout() -> gl.DistributedLinearLayout:
     return gl.DistributedLinearLayout(
         reg_bases=[[0, 1], [0, 2], [8, 0]], lane_bases=[[0, 4], [0, 8], [1, 0], [2, 0], [4, 0]],
         warp_bases=[[16, 0], [32, 0]], block_bases=[], shape=[64, 16])
-
-
-@gluon.jit
-def _dequantize(words, dtype: gl.constexpr):
-    """words: [BN, 16] int32 -> [BN, 128] MAGIC + q in dtype, logical k = e + 2c + 8p + 32j (w4a16_direct.py)."""
-    if dtype == gl.bfloat16:
-        asm: gl.constexpr = _W_ASM_BF16
-    else:
-        asm: gl.constexpr = _W_ASM_FP16
-    BN: gl.constexpr = words.shape[0]
-    lo, hi = gl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [words], dtype=(gl.int16, gl.int16),
-                                      is_pure=True, pack=1)
-    halves = gl.reshape(gl.join(lo, hi), [BN, 32])
-    p = gl.inline_asm_elementwise(asm, "=r,=r,=r,=r,r", [halves], dtype=(gl.int16, ) * 4, is_pure=True, pack=2)
-    shape: gl.constexpr = [BN, 4, 4, 2]  # c, j (word 4c + j), e (its half)
-    t = gl.join(gl.join(gl.reshape(p[0], shape), gl.reshape(p[1], shape)),
-                gl.join(gl.reshape(p[2], shape), gl.reshape(p[3], shape)))  # [BN, c, j, e, p0, p1]
-    t = gl.permute(t, (0, 2, 5, 4, 1, 3))  # [BN, j, p1, p0, c, e]
-    return gl.reshape(t, [BN, BLOCK_K]).to(dtype, bitcast=True)
 
 
 @gluon.jit
@@ -105,7 +86,10 @@ def _operand(block, a_layout: gl.constexpr, magic: gl.constexpr):
         asm: gl.constexpr = _SCALE_ASM_BF16
     else:
         asm: gl.constexpr = _SCALE_ASM_FP16
-    w = gl.convert_layout(_dequantize(words, dtype), a_layout, assert_trivial=True)  # MAGIC + q
+    BN: gl.constexpr = words.shape[0]
+    # MAGIC + q in the logical order of k: w4a16_direct.py's dequantization, with one K split of warps
+    w = gl.reshape(_dequantize(gl.reshape(words, [1, BN, 16]), dtype), [BN, BLOCK_K])
+    w = gl.convert_layout(w, a_layout, assert_trivial=True)
     # one sub and one mul per two weights (the compiler emits them one weight at a time)
     return gl.inline_asm_elementwise(asm, "=r,r,r,r", [w, (z + magic)[:, None], s[:, None]], dtype=w.dtype,
                                      is_pure=True, pack=2)
