@@ -5,13 +5,12 @@ weight loads straight into wgmma's register operand, x alone stored to shared me
 config against the reference on odd shapes, fp16 and bf16, outputs poisoned; linear_wq takes it exactly where it
 should; a kernel that fails its check warns and leaves linear_wq's other paths in charge.
 """
-import sys
 
 import pytest
 import torch
 
 import llmopt.ops  # noqa: F401  (registers torch.ops.llmopt)
-from tests.background import Job
+from tests.codegen.sm90_compile import compile_job
 from tests.codegen.test_w4a16_direct import (_inputs, _reference, assert_failing_kernel_warns_once,
                                              assert_linear_wq_routes)
 
@@ -22,21 +21,15 @@ _COMPILE_FOR_SM90 = """
 import json
 import re
 from collections import Counter
-from triton.backends.compiler import GPUTarget
-from triton.compiler import compile as triton_compile
-from triton.experimental.gluon._runtime import GluonASTSource
 from llmopt.codegen.kernels import w4a16_wgmma
+from tests.codegen.sm90_compile import compile_gluon_for_sm90
 
-kernel = w4a16_wgmma._w4_wgmma_kernel
-sig = {name: "i32" for name in kernel.arg_names}
-sig.update(x_ptr="*bf16", qw_ptr="*u8", s_ptr="*bf16", z_ptr="*bf16", b_ptr="*bf16", y_ptr="*bf16", ws_ptr="*fp32",
-           count_ptr="*i32", GROUP_SIZE="constexpr", BM="constexpr", SPLIT_K="constexpr", HAS_BIAS="constexpr")
-# 16-byte aligned operands and row strides, as the launcher specializes them for contiguous tensors
-aligned = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]]
-           for n in ("x_ptr", "qw_ptr", "s_ptr", "z_ptr", "stride_xm", "stride_qn")}
-constants = {"GROUP_SIZE": 128, "BM": 64, "SPLIT_K": 2, "HAS_BIAS": True}
-compiled = triton_compile(GluonASTSource(kernel, sig, constants, aligned), target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": 4})
+compiled = compile_gluon_for_sm90(
+    w4a16_wgmma._w4_wgmma_kernel,
+    {"x_ptr": "*bf16", "qw_ptr": "*u8", "s_ptr": "*bf16", "z_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16",
+     "ws_ptr": "*fp32", "count_ptr": "*i32"},
+    {"GROUP_SIZE": 128, "BM": 64, "SPLIT_K": 2, "HAS_BIAS": True},
+    ("x_ptr", "qw_ptr", "s_ptr", "z_ptr", "stride_xm", "stride_qn"), num_warps=4)
 ptx = compiled.asm["ptx"]
 print(json.dumps({"wgmma": ptx.count("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16"),
                   "loads": Counter(re.findall(r"ld[.]global[.a-z0-9]*", ptx)),
@@ -46,7 +39,7 @@ print(json.dumps({"wgmma": ptx.count("wgmma.mma_async.sync.aligned.m64n64k16.f32
 
 BACKGROUND = {
     "test_wgmma_kernel_compiles_for_hopper_with_weights_in_registers":
-        Job([sys.executable, "-c", _COMPILE_FOR_SM90], env_update={"TRITON_INTERPRET": "0"}, timeout=600),
+        compile_job(_COMPILE_FOR_SM90),
 }
 
 
