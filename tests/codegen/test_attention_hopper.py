@@ -15,7 +15,7 @@ import torch
 import llmopt.ops  # noqa: F401  (registers torch.ops.llmopt.attention)
 from llmopt.codegen.kernels import flash_attention_hopper
 from llmopt.codegen.kernels.flash_attention import flash_attention
-from tests.background import Job
+from tests.codegen.sm90_compile import compile_job
 from tests.codegen.test_attention_kernels import DEVICE, assert_close, needs_cuda
 
 
@@ -81,21 +81,17 @@ def test_flash_attention_kernel_choice_is_checked():
 _COMPILE_GLUON_FOR_SM90 = """
 import json
 import re
-from triton.backends.compiler import GPUTarget
-from triton.compiler import compile as triton_compile
-from triton.experimental.gluon._runtime import GluonASTSource
 from llmopt.codegen.kernels import flash_attention_gluon as gluon_kernel
+from tests.codegen.sm90_compile import compile_gluon_for_sm90
 
-kernel = gluon_kernel._flash_attention_gluon_kernel
 layout = repr(gluon_kernel._BOX_LAYOUT)
-sig = {name: "i32" for name in kernel.arg_names}
-sig.update(desc_q=f"tensordesc<bf16[1, 1, 64, 128],{layout}>", desc_k=f"tensordesc<bf16[1, 1, 128, 128],{layout}>",
-           desc_v=f"tensordesc<bf16[1, 1, 128, 128],{layout}>", out_ptr="*bf16", counter_ptr="*i32", qk_scale="fp32",
-           CAUSAL="constexpr", STAGES="constexpr")
-# 16-byte aligned output pointer and strides, as the launcher specializes them for a contiguous bf16 tensor
-aligned = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in ("out_ptr", "stride_ob", "stride_oh", "stride_ot")}
-source = GluonASTSource(kernel, sig, {"CAUSAL": True, "STAGES": gluon_kernel.STAGES}, aligned)
-compiled = triton_compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": 168})
+compiled = compile_gluon_for_sm90(
+    gluon_kernel._flash_attention_gluon_kernel,
+    {"desc_q": f"tensordesc<bf16[1, 1, 64, 128],{layout}>", "desc_k": f"tensordesc<bf16[1, 1, 128, 128],{layout}>",
+     "desc_v": f"tensordesc<bf16[1, 1, 128, 128],{layout}>", "out_ptr": "*bf16", "counter_ptr": "*i32",
+     "qk_scale": "fp32"},
+    {"CAUSAL": True, "STAGES": gluon_kernel.STAGES},
+    ("out_ptr", "stride_ob", "stride_oh", "stride_ot"), num_warps=4, maxnreg=168)
 ptx = compiled.asm["ptx"]
 print(json.dumps({"ttgir": compiled.asm["ttgir"], "shared": compiled.metadata.shared,
                   "wgmma": ptx.count("wgmma.mma_async"), "stores": re.findall("st[.]global[.a-z0-9:]*", ptx)}))
@@ -104,7 +100,7 @@ print(json.dumps({"ttgir": compiled.asm["ttgir"], "shared": compiled.metadata.sh
 # the compile runs in a child process (started when the tests are collected: tests/background.py)
 BACKGROUND = {
     "test_gluon_kernel_compiles_for_hopper_into_a_producer_and_two_consumers":
-        Job([sys.executable, "-c", _COMPILE_GLUON_FOR_SM90], env_update={"TRITON_INTERPRET": "0"}, timeout=600),
+        compile_job(_COMPILE_GLUON_FOR_SM90),
 }
 
 

@@ -8,7 +8,6 @@ reference on odd shapes, fp16 and bf16, outputs poisoned; linear_wq takes it exa
 that fails its check warns and leaves the Triton kernel in charge.
 """
 import random
-import sys
 import warnings
 
 import pytest
@@ -16,8 +15,8 @@ import torch
 
 import llmopt.ops  # noqa: F401  (registers torch.ops.llmopt)
 from llmopt.ops.linear_wq import dequantize_groups, pack_int4
-from tests.background import Job
 from tests.codegen.ptx_quad import run_on_quad
+from tests.codegen.sm90_compile import compile_job
 
 HAS_CUDA = torch.cuda.is_available()
 needs_hopper = pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability() != (9, 0),
@@ -26,21 +25,14 @@ needs_hopper = pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capabili
 _COMPILE_FOR_SM90 = """
 import json
 import re
-from triton.backends.compiler import GPUTarget
-from triton.compiler import compile as triton_compile
-from triton.experimental.gluon._runtime import GluonASTSource
 from llmopt.codegen.kernels import w4a16_direct
+from tests.codegen.sm90_compile import compile_gluon_for_sm90
 
-kernel = w4a16_direct._w4_direct_kernel
-sig = {name: "i32" for name in kernel.arg_names}
-sig.update(x_ptr="*bf16", qw_ptr="*u8", s_ptr="*bf16", z_ptr="*bf16", b_ptr="*bf16", y_ptr="*bf16",
-           GROUP_SIZE="constexpr", KW="constexpr", ROW_TILES="constexpr", HAS_BIAS="constexpr")
-# 16-byte aligned operands and row strides, as the launcher specializes them for contiguous tensors
-aligned = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]]
-           for n in ("x_ptr", "qw_ptr", "s_ptr", "z_ptr", "stride_xm", "stride_qn")}
-constants = {"GROUP_SIZE": 128, "KW": 8, "ROW_TILES": 1, "HAS_BIAS": False}
-compiled = triton_compile(GluonASTSource(kernel, sig, constants, aligned), target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": 8})
+compiled = compile_gluon_for_sm90(
+    w4a16_direct._w4_direct_kernel,
+    {"x_ptr": "*bf16", "qw_ptr": "*u8", "s_ptr": "*bf16", "z_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16"},
+    {"GROUP_SIZE": 128, "KW": 8, "ROW_TILES": 1, "HAS_BIAS": False},
+    ("x_ptr", "qw_ptr", "s_ptr", "z_ptr", "stride_xm", "stride_qn"), num_warps=8)
 ptx = compiled.asm["ptx"]
 print(json.dumps({"mma": ptx.count("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"),
                   "loads": re.findall(r"ld[.]global[.a-z0-9]*", ptx), "cp_async": ptx.count("cp.async"),
@@ -49,7 +41,7 @@ print(json.dumps({"mma": ptx.count("mma.sync.aligned.m16n8k16.row.col.f32.bf16.b
 
 BACKGROUND = {
     "test_direct_kernel_compiles_for_hopper_into_register_loads_and_mma":
-        Job([sys.executable, "-c", _COMPILE_FOR_SM90], env_update={"TRITON_INTERPRET": "0"}, timeout=600),
+        compile_job(_COMPILE_FOR_SM90),
 }
 
 

@@ -8,14 +8,13 @@ config against the reference on odd shapes, fp16 and bf16, outputs poisoned; lin
 should; a kernel that fails its check warns and leaves linear_wq's other paths in charge.
 """
 import random
-import sys
 
 import pytest
 import torch
 
 import llmopt.ops  # noqa: F401  (registers torch.ops.llmopt)
-from tests.background import Job
 from tests.codegen.ptx_quad import run_on_quad
+from tests.codegen.sm90_compile import compile_job
 from tests.codegen.test_w4a16_direct import (_inputs, _reference, assert_failing_kernel_warns_once,
                                              assert_linear_wq_routes)
 
@@ -59,21 +58,15 @@ _COMPILE_FOR_SM90 = """
 import json
 import re
 from collections import Counter
-from triton.backends.compiler import GPUTarget
-from triton.compiler import compile as triton_compile
-from triton.experimental.gluon._runtime import GluonASTSource
 from llmopt.codegen.kernels import w4a16_wgmma
+from tests.codegen.sm90_compile import compile_gluon_for_sm90
 
-kernel = w4a16_wgmma._w4_wgmma_kernel
-sig = {name: "i32" for name in kernel.arg_names}
-sig.update(x_desc=f"tensordesc<bf16[64, 128],{w4a16_wgmma._X_SMEM_LAYOUT!r}>", qw_ptr="*u8", s_ptr="*bf16",
-           z_ptr="*bf16", b_ptr="*bf16", y_ptr="*bf16", ws_ptr="*fp32", count_ptr="*i32", GROUP_SIZE="constexpr",
-           SPLIT_K="constexpr", STAGES="constexpr", ASYNC="constexpr", HAS_BIAS="constexpr")
-# 16-byte aligned operands and row strides, as the launcher specializes them for contiguous tensors
-aligned = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in ("qw_ptr", "s_ptr", "z_ptr", "stride_qn")}
-constants = {"GROUP_SIZE": 128, "SPLIT_K": 2, "STAGES": 4, "ASYNC": False, "HAS_BIAS": True}
-compiled = triton_compile(GluonASTSource(kernel, sig, constants, aligned), target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": 4})
+compiled = compile_gluon_for_sm90(
+    w4a16_wgmma._w4_wgmma_kernel,
+    {"x_desc": f"tensordesc<bf16[64, 128],{w4a16_wgmma._X_SMEM_LAYOUT!r}>", "qw_ptr": "*u8", "s_ptr": "*bf16",
+     "z_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "ws_ptr": "*fp32", "count_ptr": "*i32"},
+    {"GROUP_SIZE": 128, "SPLIT_K": 2, "STAGES": 4, "ASYNC": False, "HAS_BIAS": True},
+    ("qw_ptr", "s_ptr", "z_ptr", "stride_qn"), num_warps=4)
 ptx = compiled.asm["ptx"]
 print(json.dumps({"wgmma": ptx.count("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16"),
                   "loads": Counter(re.findall(r"ld[.]global[.a-z0-9]*", ptx)),
@@ -84,7 +77,7 @@ print(json.dumps({"wgmma": ptx.count("wgmma.mma_async.sync.aligned.m64n64k16.f32
 
 BACKGROUND = {
     "test_wgmma_kernel_compiles_for_hopper_with_weights_in_registers":
-        Job([sys.executable, "-c", _COMPILE_FOR_SM90], env_update={"TRITON_INTERPRET": "0"}, timeout=600),
+        compile_job(_COMPILE_FOR_SM90),
 }
 
 
