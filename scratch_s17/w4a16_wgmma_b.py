@@ -254,7 +254,7 @@ def _store(y_ptr, b_ptr, acc, offs_m, offs_n, N, mask, stride_ym, HAS_BIAS: gl.c
 
 
 # (SPLIT_K, STAGES, ASYNC): programs an output tile's K is split over, x slots, asynchronous wgmma
-CONFIGS = [(s, t, a) for s in (2, 4, 8) for t, a in ((2, False), (4, False), (4, True), (6, True))]
+CONFIGS = [(s, t, a) for s in (2, 4, 8) for t, a in ((2, False), (4, False), (4, True))]
 _checked = {}  # (device index, dtype) -> whether the kernel matched the reference on a small odd case
 _tuned = {}  # (device index, dtype, M bucket, N, K, G) -> the fastest of CONFIGS
 
