@@ -12,7 +12,9 @@ Why a third kernel: at M = 17 to 128 a W4A16 linear still streams mostly weight 
 fit `mma.sync` on x rows held in registers (`w4a16_direct.py`), and the Triton kernel builds its weight tile
 through shared memory. Here one warpgroup computes a yᵀ tile [64, BM] (BM = M rounded up to a power of two) with
 `wgmma`: A, the weights, comes from registers; B, xᵀ, from shared memory, where TMA puts each [BM, 128] block of x
-(rows past M as zeros) in a ring of STAGES slots, each with its mbarrier, so no thread touches x.
+(rows past M as zeros) in two rings of STAGES / 2 slots, one for even blocks and one for odd, each slot with its
+mbarrier, so no thread touches x. Two rings because Triton's shared-memory barrier analysis works per allocation: a
+step that touches only its own ring's slot and barrier needs 2 CTA barriers, not 3 (triton 3.6, sm_90 PTX).
 
 How 16 contiguous bytes become wgmma's A fragment: each thread loads 16 contiguous bytes of two weight rows a 128-k
 block (rows g and g + 8 of its warp's 16, g = lane // 4; quad position c = lane % 4 takes bytes 16c .. 16c + 15,
@@ -133,9 +135,9 @@ def _operand(block, a_layout: gl.constexpr, magic: gl.constexpr):
 
 @gluon.jit
 def _x_block(x_desc, xs, ready, i, kb0, num_kb, m0, pred):
-    """Starts the TMA load of x block kb0 + i (the last block for i past the end: its scale is 0) into slot
-    i % STAGES, if pred."""
-    slot = i % xs.shape[0]
+    """Starts the TMA load of x block kb0 + i into slot (i // 2) % (STAGES // 2) of the ring of its parity (xs,
+    ready: that parity's slots and barriers), if pred."""
+    slot = (i // 2) % xs.shape[0]
     mbarrier.expect(ready.index(slot), x_desc.block_type.nbytes, pred=pred)
     _tma_load(x_desc, [m0, gl.minimum(kb0 + i, num_kb - 1) * BLOCK_K], ready.index(slot), xs.index(slot),
               pred=pred)
@@ -144,18 +146,18 @@ def _x_block(x_desc, xs, ready, i, kb0, num_kb, m0, pred):
 @gluon.jit
 def _step(i, n_loads, buf, acc, xs, ready, x_desc, kb0, num_kb, m0, a_layout: gl.constexpr, magic: gl.constexpr,
           ASYNC: gl.constexpr):
-    """Block kb0 + i: waits for its x, adds the weights' product to acc and refills a slot: its own with block
-    i + STAGES (the wgmma waits for its result), or, ASYNC, that of block i - 1 (whose wgmma is then done) with
-    block i - 1 + STAGES."""
-    STAGES: gl.constexpr = xs.shape[0]
-    slot = i % STAGES
+    """Block kb0 + i, whose parity's ring is xs/ready: waits for its x, adds the weights' product to acc and refills
+    a slot of the same ring (so a step touches one allocation: Triton's barrier analysis then separates the rings):
+    its own with block i + STAGES, or, ASYNC, that of block i - 2 (whose wgmma is done) with block i - 2 + STAGES."""
+    STAGES: gl.constexpr = 2 * xs.shape[0]
+    slot = (i // 2) % xs.shape[0]
     mbarrier.wait(ready.index(slot), (i // STAGES) & 1)
     a = _operand(buf, a_layout, magic)
     if ASYNC:
         acc = warpgroup_mma(a, xs.index(slot).permute((1, 0)), acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
-        _cta_barrier()  # every warp's wgmma i - 1 has read its slot
-        _x_block(x_desc, xs, ready, i - 1 + STAGES, kb0, num_kb, m0, (i >= 1) & (i - 1 + STAGES < n_loads))
+        _cta_barrier()  # every warp's wgmma i - 1 (and so i - 2) has read its slot
+        _x_block(x_desc, xs, ready, i - 2 + STAGES, kb0, num_kb, m0, (i >= 2) & (i - 2 + STAGES < n_loads))
     else:
         acc = warpgroup_mma(a, xs.index(slot).permute((1, 0)), acc)
         _cta_barrier()  # every warp's wgmma has read the slot
@@ -194,32 +196,37 @@ def _w4_wgmma_kernel(x_desc, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_p
     s_rows = gl.minimum(row0 + gl.arange(0, BN, layout=row_layout), N - 1)
     s_ptrs = s_ptr + s_rows * stride_sn
     z_ptrs = z_ptr + s_rows * stride_sn
-    # x blocks [BM, 128] arrive by TMA (rows past M as zeros) in a ring of STAGES slots, each with its barrier
-    xs = gl.allocate_shared_memory(dtype, [STAGES, BM, BLOCK_K], x_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(ready.index(i), count=1)
+    # x blocks [BM, 128] arrive by TMA (rows past M as zeros) in two rings of slots, each slot with its barrier
+    xs0 = gl.allocate_shared_memory(dtype, [STAGES // 2, BM, BLOCK_K], x_desc.layout)  # even blocks
+    xs1 = gl.allocate_shared_memory(dtype, [STAGES // 2, BM, BLOCK_K], x_desc.layout)  # odd blocks
+    ready0 = gl.allocate_shared_memory(gl.int64, [STAGES // 2, 1], mbarrier.MBarrierLayout())
+    ready1 = gl.allocate_shared_memory(gl.int64, [STAGES // 2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES // 2):
+        mbarrier.init(ready0.index(i), count=1)
+        mbarrier.init(ready1.index(i), count=1)
     fence_async_shared()
-    for i in gl.static_range(STAGES):
-        _x_block(x_desc, xs, ready, i, kb0, num_kb, m0, i < n_loads)
+    for i in gl.static_range(0, STAGES, 2):
+        _x_block(x_desc, xs0, ready0, i, kb0, num_kb, m0, i < n_loads)
+        _x_block(x_desc, xs1, ready1, i + 1, kb0, num_kb, m0, i + 1 < n_loads)
 
     acc = gl.zeros([BN, BM], gl.float32, acc_layout)  # yᵀ partial sums
     # two blocks of weight registers in flight, each reloaded right after use (the loop is unrolled twice, so
-    # nothing is copied between them); blocks past kb_end add 0. The wgmma waits for its result (measured: an
-    # asynchronous one, which keeps the last A operand alive, needed 255 registers and was no faster)
+    # nothing is copied between them); blocks past kb_end add 0
     w_args = (w_ptrs, s_ptrs, z_ptrs, kb_end, num_kb, GROUP_SIZE)
-    x_args = (xs, ready, x_desc, kb0, num_kb, m0)
+    x_args0 = (xs0, ready0, x_desc, kb0, num_kb, m0)
+    x_args1 = (xs1, ready1, x_desc, kb0, num_kb, m0)
     buf0 = _weights(kb0, *w_args)
     buf1 = _weights(kb0 + 1, *w_args)
     for i in range(0, n_loads, 2):
-        acc = _step(i, n_loads, buf0, acc, *x_args, a_layout, magic, ASYNC)
+        acc = _step(i, n_loads, buf0, acc, *x_args0, a_layout, magic, ASYNC)
         buf0 = _weights(kb0 + i + 2, *w_args)
-        acc = _step(i + 1, n_loads, buf1, acc, *x_args, a_layout, magic, ASYNC)
+        acc = _step(i + 1, n_loads, buf1, acc, *x_args1, a_layout, magic, ASYNC)
         buf1 = _weights(kb0 + i + 3, *w_args)
     if ASYNC:
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(ready.index(i))
+    for i in gl.static_range(STAGES // 2):
+        mbarrier.invalidate(ready0.index(i))
+        mbarrier.invalidate(ready1.index(i))
 
     offs_n = row0 + gl.arange(0, BN, layout=gl.SliceLayout(1, acc_layout))
     offs_m = m0 + gl.arange(0, BM, layout=gl.SliceLayout(0, acc_layout))
@@ -247,8 +254,9 @@ def _store(y_ptr, b_ptr, acc, offs_m, offs_n, N, mask, stride_ym, HAS_BIAS: gl.c
     gl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-# (SPLIT_K, STAGES, ASYNC): programs an output tile's K is split over, x slots, asynchronous wgmma
-CONFIGS = [(s, t, a) for s in (2, 4, 8) for t, a in ((4, False), (2, True), (4, True))]
+# (SPLIT_K, STAGES, ASYNC): programs an output tile's K is split over, x slots (even; 4 or more with ASYNC, which
+# refills the slot of block i - 2), asynchronous wgmma
+CONFIGS = [(s, t, a) for s in (2, 4, 8) for t, a in ((2, False), (4, True))]  # (4, sync) never won on the H100
 _checked = {}  # (device index, dtype) -> whether the kernel matched the reference on a small odd case
 _tuned = {}  # (device index, dtype, M bucket, N, K, G) -> the fastest of CONFIGS
 
@@ -283,6 +291,7 @@ def linear_w4_wgmma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     scales = scales.contiguous()
     zeros = zeros.to(scales.dtype).contiguous()
     split_k, stages, asynchronous = config or CONFIGS[0]
+    assert stages % 2 == 0 and stages >= (4 if asynchronous else 2), f"{stages} x slots: even, 4 or more if async"
     bm = tile_m(m)
     n_tiles = triton.cdiv(n, 64) * triton.cdiv(m, bm)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)  # y: [M, N]

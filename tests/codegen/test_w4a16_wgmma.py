@@ -99,7 +99,9 @@ def test_wgmma_kernel_compiles_for_hopper_with_weights_in_registers():
     # and block; the threads store nothing to shared memory but the split-K counter's answer
     assert result["tma"] == 4 + 2 and result["shuffles"] == 2 * 2 * 4 and result["cp_async"] == result["tma"]
     assert sum(result["stores"].values()) == 1, result["stores"]
-    assert result["barriers"] <= 40  # Triton 3.6: 23 (three a block, around each mbarrier's init and invalidation)
+    # Triton 3.6: 14, two a block (the step's own, and one between arming a slot's barrier and its TMA load) and
+    # around the mbarriers' init and invalidation (one ring for all blocks had 23, three a block); Triton 3.9: 21
+    assert result["barriers"] <= 24, result["barriers"]
     assert result["shared"] == 4 * 64 * 128 * 2 + 4 * 8  # four x slots [64, 128] bf16 and their mbarriers
 
 
@@ -116,7 +118,7 @@ def test_wgmma_kernel_matches_reference_in_every_config(poison, m, n, k, g, dtyp
 
     x, qweight, scales, zeros, bias = _inputs(m, n, k, g, dtype, with_bias, seed=m + n)
     ref = _reference(x, qweight, scales, zeros, bias, g)
-    for config in CONFIGS + [(1, 2, False), (16, 3, True)]:  # (split K, x stages); also no split, and splits without blocks
+    for config in CONFIGS + [(1, 2, False), (16, 4, True)]:  # (split K, x stages); also no split, and splits without blocks
         y = linear_w4_wgmma(x, qweight, scales, zeros, bias, g, config)
         assert y.shape == (m, n) and y.dtype == dtype
         err = ((y.float() - ref).norm() / ref.norm()).item()
