@@ -1,6 +1,8 @@
 """llmopt's two Gluon W4A16 kernels beside the shipped Triton kernel and bf16, each over its range of M.
 
-Entry point: `python -m benchmarks.bench_w4_kernels [direct|wgmma ...]` (both when none is named): for each kernel
+Entry point: `python -m benchmarks.bench_w4_kernels [direct|wgmma ...] [--m 32,64] [--no-check]` (both kernels when
+none is named; --m: the M to time instead of the kernel's own; --no-check: skip the check, for a call that ran the
+kernel's GPU tests already, which check every config too): for each kernel
 (`codegen/kernels/w4a16_direct.py`, M = 1 to 8; `codegen/kernels/w4a16_wgmma.py`, M = 17 to 128) it checks the
 kernel against the reference op on odd shapes, then times Llama-2-7B shapes as streams (bench_gemm's "stream": C
 weight copies, at least 4x the L2 cache, one graph of C calls, divided by C): every config of the kernel (`CONFIGS`;
@@ -9,7 +11,6 @@ autotuned Triton kernel up to M = 64, dequantize + cuBLAS above) and `x @ Wᵀ` 
 tables.
 """
 import itertools
-import sys
 
 import torch
 
@@ -58,8 +59,9 @@ def _without_gluon(x, qweight, scales, zeros):
         w4a16_gemm.w4a16_direct, w4a16_gemm.w4a16_wgmma = saved
 
 
-def bench(name: str) -> list:
-    module, linear, ms, _ = KERNELS[name]
+def bench(name: str, ms=None) -> list:
+    module, linear, default_ms, _ = KERNELS[name]
+    ms = ms or default_ms
     rows = []
     for m, (n, k) in itertools.product(ms, LLAMA_7B):
         qweight, scales, zeros = w4_weights(n, k, GROUP, torch.bfloat16)
@@ -87,11 +89,21 @@ def bench(name: str) -> list:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("kernels", nargs="*", help=f"any of {', '.join(KERNELS)} (default: all)")
+    parser.add_argument("--m", type=lambda text: [int(v) for v in text.split(",")], help="M to time, e.g. 32,64")
+    parser.add_argument("--no-check", action="store_true", help="skip the check against the reference")
+    args = parser.parse_args()
+    if set(args.kernels) - set(KERNELS):
+        parser.error(f"unknown kernel {sorted(set(args.kernels) - set(KERNELS))}: choose from {list(KERNELS)}")
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
-    for name in sys.argv[1:] or list(KERNELS):
-        checks = check(name)
-        print_table(f"{name} W4A16 kernel, every config vs reference (fp32 product of the dequantized weight)",
-                    list(checks[0]), checks)
-        rows = bench(name)
+    for name in args.kernels or list(KERNELS):
+        if not args.no_check:
+            checks = check(name)
+            print_table(f"{name} W4A16 kernel, every config vs reference (fp32 product of the dequantized weight)",
+                        list(checks[0]), checks)
+        rows = bench(name, args.m)
         print_table(f"W4A16 stream, us: the {name} kernel vs linear_wq without the Gluon kernels ('without') vs bf16",
                     list(rows[0]), rows)
