@@ -1,12 +1,17 @@
 """A lockstep interpreter for the few PTX instructions in llmopt's inline assembly, over the 4 lanes of a lane quad.
 
-Entry point: `run_on_quad(asm, inputs) -> outputs`: asm is an `inline_asm_elementwise` string ($0.. outputs first,
+Entry points: `run_on_quad(asm, inputs) -> outputs`: asm is an `inline_asm_elementwise` string ($0.. outputs first,
 then inputs, as Triton numbers them), inputs[lane] the 32-bit input operands of lanes 0-3; returns each lane's
 output operands. Lanes 0-3 stand for any quad: the only lane-dependent input the assembly reads is `%laneid`, through
 its low two bits, and its shuffles (`shfl.sync.bfly` with lane masks 1 and 2) stay inside the quad. Lets the CPU
-suite check what the GPU kernels' register shuffles compute, bit for bit, without a GPU.
+suite check what the GPU kernels' register shuffles compute, bit for bit, without a GPU. `run_on_words(asm, seed)`
+runs a one-input assembly string on 1024 random 32-bit words and the edge cases, a quad at a time, yielding (word,
+output registers); `as_16_bit(register, dtype)` reads a register as two 16-bit floats.
 """
+import random
 import re
+
+import torch
 
 MASK = 0xFFFFFFFF
 
@@ -58,3 +63,17 @@ def run_on_quad(asm: str, inputs: list) -> list:
             for lane in range(4):
                 regs[lane][dest] = _OPS[op](*(value(lane, s) for s in srcs))
     return [[regs[lane][f"${i}"] for i in range(n_out)] for lane in range(4)]
+
+
+def run_on_words(asm: str, seed: int):
+    """Yields (word, its lane's output operand values) for 1024 random words, 0, all ones and alternating nibbles."""
+    rng = random.Random(seed)
+    words = [rng.getrandbits(32) for _ in range(1024)] + [0, MASK, 0x0F0F0F0F, 0xF0F0F0F0]
+    for start in range(0, len(words), 4):
+        quad = words[start:start + 4]
+        yield from zip(quad, run_on_quad(asm, [[w] for w in quad]))
+
+
+def as_16_bit(register: int, dtype: torch.dtype) -> list:
+    """A 32-bit register -> its (low, high) halves as dtype values."""
+    return torch.tensor([register - 2**32 if register >= 2**31 else register], dtype=torch.int32).view(dtype).tolist()

@@ -15,7 +15,7 @@ import torch
 
 import llmopt.ops  # noqa: F401  (registers torch.ops.llmopt)
 from llmopt.ops.linear_wq import dequantize_groups, pack_int4
-from tests.codegen.ptx_quad import run_on_quad
+from tests.codegen.ptx_quad import as_16_bit, run_on_quad, run_on_words
 from tests.codegen.sm90_compile import compile_job
 
 HAS_CUDA = torch.cuda.is_available()
@@ -45,11 +45,6 @@ BACKGROUND = {
 }
 
 
-def _as_16_bit(register: int, dtype: torch.dtype) -> list:
-    """A 32-bit register -> its (low, high) halves as dtype values."""
-    return torch.tensor([register - 2**32 if register >= 2**31 else register], dtype=torch.int32).view(dtype).tolist()
-
-
 @pytest.mark.parametrize("dtype,magic", [(torch.bfloat16, 128), (torch.float16, 1024)])
 def test_weight_asm_makes_register_p_the_pair_of_nibbles_p_and_p_plus_4(dtype, magic):
     """A loaded weight word (8 nibbles, physical k 8j .. 8j + 7) -> 4 registers p = (MAGIC + nibble p,
@@ -57,14 +52,10 @@ def test_weight_asm_makes_register_p_the_pair_of_nibbles_p_and_p_plus_4(dtype, m
     from llmopt.codegen.kernels import w4a16_direct
 
     asm = (w4a16_direct._W_ASM_BF16 if dtype == torch.bfloat16 else w4a16_direct._W_ASM_FP16).value
-    rng = random.Random(0)
-    words = [rng.getrandbits(32) for _ in range(1024)] + [0, 0xFFFFFFFF, 0x0F0F0F0F, 0xF0F0F0F0]
-    for start in range(0, len(words), 4):
-        out = run_on_quad(asm, [[w] for w in words[start:start + 4]])
-        for lane, word in enumerate(words[start:start + 4]):
-            for p in range(4):
-                expected = [magic + (word >> (4 * p) & 0xF), magic + (word >> (4 * p + 16) & 0xF)]
-                assert _as_16_bit(out[lane][p], dtype) == expected, (hex(word), p)
+    for word, registers in run_on_words(asm, seed=0):
+        for p in range(4):
+            expected = [magic + (word >> (4 * p) & 0xF), magic + (word >> (4 * p + 16) & 0xF)]
+            assert as_16_bit(registers[p], dtype) == expected, (hex(word), p)
 
 
 def test_x_asm_pairs_the_halves_of_two_x_words():

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import llmopt.ops  # noqa: F401  (registers torch.ops.llmopt)
-from tests.codegen.ptx_quad import run_on_quad
+from tests.codegen.ptx_quad import as_16_bit, run_on_quad, run_on_words
 from tests.codegen.sm90_compile import compile_job
 from tests.codegen.test_w4a16_direct import (_inputs, _reference, assert_failing_kernel_warns_once,
                                              assert_linear_wq_routes)
@@ -43,15 +43,10 @@ def test_pair_asm_makes_each_byte_the_float_pair_magic_plus_its_nibbles(dtype, m
     from llmopt.codegen.kernels import w4a16_wgmma
 
     asm = (w4a16_wgmma._PAIR_ASM_BF16 if dtype == torch.bfloat16 else w4a16_wgmma._PAIR_ASM_FP16).value
-    rng = random.Random(1)
-    words = [rng.getrandbits(32) for _ in range(1024)] + [0, 0xFFFFFFFF, 0x0F0F0F0F, 0xF0F0F0F0]
-    for start in range(0, len(words), 4):
-        out = run_on_quad(asm, [[w] for w in words[start:start + 4]])
-        for lane, word in enumerate(words[start:start + 4]):
-            signed = [r - 2**32 if r >= 2**31 else r for r in out[lane]]
-            pairs = torch.tensor(signed, dtype=torch.int32).view(dtype)  # [8]: byte x's (lo, hi) at 2x, 2x + 1
-            expected = [magic + (word >> (8 * x + 4 * e) & 0xF) for x in range(4) for e in range(2)]
-            assert pairs.tolist() == expected, hex(word)
+    for word, registers in run_on_words(asm, seed=1):
+        pairs = [half for register in registers for half in as_16_bit(register, dtype)]  # byte x's (lo, hi)
+        expected = [magic + (word >> (8 * x + 4 * e) & 0xF) for x in range(4) for e in range(2)]
+        assert pairs == expected, hex(word)
 
 
 _COMPILE_FOR_SM90 = """
