@@ -135,8 +135,8 @@ def _operand(block, a_layout: gl.constexpr, magic: gl.constexpr):
 
 @gluon.jit
 def _x_block(x_desc, xs, ready, i, kb0, num_kb, m0, pred):
-    """Starts the TMA load of x block kb0 + i into slot (i // 2) % (STAGES // 2) of the ring of its parity (xs,
-    ready: that parity's slots and barriers), if pred."""
+    """Starts the TMA load of x block kb0 + i (the last block for i past the end: its scale is 0) into slot
+    (i // 2) % (STAGES // 2) of the ring of its parity (xs, ready: that parity's slots and barriers), if pred."""
     slot = (i // 2) % xs.shape[0]
     mbarrier.expect(ready.index(slot), x_desc.block_type.nbytes, pred=pred)
     _tma_load(x_desc, [m0, gl.minimum(kb0 + i, num_kb - 1) * BLOCK_K], ready.index(slot), xs.index(slot),
