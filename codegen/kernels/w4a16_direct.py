@@ -74,19 +74,27 @@ _X_ASM = gl.constexpr("prmt.b32 $0, $2, $3, 0x5410; prmt.b32 $1, $2, $3, 0x7632;
 
 
 @gluon.jit
+def _nibble_pairs(words, asm: gl.constexpr):
+    """words: [KW, BN, 16] int32 -> [KW, BN, c, j, e, p0, p1] int16: output p = 2 p1 + p0 of asm (one 16-bit float
+    pair a register, from two 16-bit halves of a word at once) for half e of word 4c + j. Both Gluon W4A16 kernels'
+    dequantization; they differ in asm and in how they order the result."""
+    lo, hi = gl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [words], dtype=(gl.int16, gl.int16),
+                                      is_pure=True, pack=1)
+    halves = gl.reshape(gl.join(lo, hi), [words.shape[0], words.shape[1], 32])
+    p = gl.inline_asm_elementwise(asm, "=r,=r,=r,=r,r", [halves], dtype=(gl.int16, ) * 4, is_pure=True, pack=2)
+    shape: gl.constexpr = [words.shape[0], words.shape[1], 4, 4, 2]  # c, j (word 4c + j), e (its half)
+    return gl.join(gl.join(gl.reshape(p[0], shape), gl.reshape(p[1], shape)),
+                   gl.join(gl.reshape(p[2], shape), gl.reshape(p[3], shape)))
+
+
+@gluon.jit
 def _dequantize(words, dtype: gl.constexpr):
     """words: [KW, BN, 16] int32 -> [KW, BN, 128] MAGIC + q in dtype, logical k (module docstring)."""
     if dtype == gl.bfloat16:
         asm: gl.constexpr = _W_ASM_BF16
     else:
         asm: gl.constexpr = _W_ASM_FP16
-    lo, hi = gl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [words], dtype=(gl.int16, gl.int16),
-                                      is_pure=True, pack=1)
-    halves = gl.reshape(gl.join(lo, hi), [words.shape[0], words.shape[1], 32])
-    p = gl.inline_asm_elementwise(asm, "=r,=r,=r,=r,r", [halves], dtype=(gl.int16, ) * 4, is_pure=True, pack=2)
-    shape: gl.constexpr = [words.shape[0], words.shape[1], 4, 4, 2]  # c, j (word 4c + j), e (its half)
-    t = gl.join(gl.join(gl.reshape(p[0], shape), gl.reshape(p[1], shape)),
-                gl.join(gl.reshape(p[2], shape), gl.reshape(p[3], shape)))  # [KW, BN, c, j, e, p0, p1]
+    t = _nibble_pairs(words, asm)  # [KW, BN, c, j, e, p0, p1]
     t = gl.permute(t, (0, 1, 3, 6, 5, 2, 4))  # [KW, BN, j, p1, p0, c, e]: logical k = e + 2c + 8p + 32j
     return gl.reshape(t, [words.shape[0], words.shape[1], BLOCK_K]).to(dtype, bitcast=True)
 

@@ -37,6 +37,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from llmopt.codegen.kernels.split_k import arrival_counters
+from llmopt.codegen.kernels.w4a16_direct import _nibble_pairs
 from llmopt.codegen.kernels.w4a16_first_use import TILE_K, fastest_streaming, first_use_config, matches_reference
 
 BLOCK_K = gl.constexpr(TILE_K)
@@ -95,14 +96,9 @@ def _dequantize(words, dtype: gl.constexpr):
     BN: gl.constexpr = words.shape[0]
     words = gl.inline_asm_elementwise(_TRANSPOSE_ASM, "=r,=r,=r,=r,r,r,r,r", [words], dtype=gl.int32,
                                       is_pure=False, pack=4)  # a row's 4 words at once
-    lo, hi = gl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [words], dtype=(gl.int16, gl.int16),
-                                      is_pure=True, pack=1)
-    halves = gl.reshape(gl.join(lo, hi), [BN, 32])
-    p = gl.inline_asm_elementwise(asm, "=r,=r,=r,=r,r", [halves], dtype=(gl.int16, ) * 4, is_pure=True, pack=2)
-    shape: gl.constexpr = [BN, 4, 4, 2]  # c, j (word 4c + j), e (its half): p[x] holds k 32x + 8j + 2c + e
-    t = gl.join(gl.join(gl.reshape(p[0], shape), gl.reshape(p[1], shape)),
-                gl.join(gl.reshape(p[2], shape), gl.reshape(p[3], shape)))  # [BN, c, j, e, x0, x1]
-    t = gl.permute(t, (0, 5, 4, 2, 1, 3))  # [BN, x1, x0, j, c, e]: k = 64 x1 + 32 x0 + 8j + 2c + e
+    # w4a16_direct.py's pairing with one K split of warps: output x holds k 32x + 8j + 2c + e
+    t = _nibble_pairs(gl.reshape(words, [1, BN, 16]), asm)  # [1, BN, c, j, e, x0, x1]
+    t = gl.permute(t, (0, 1, 6, 5, 3, 2, 4))  # [1, BN, x1, x0, j, c, e]: k = 64 x1 + 32 x0 + 8j + 2c + e
     return gl.reshape(t, [BN, BLOCK_K]).to(dtype, bitcast=True)
 
 
@@ -301,6 +297,7 @@ def linear_w4_wgmma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     _w4_wgmma_kernel[(n_tiles, split_k)](
         x_desc, qweight, scales, zeros, bias if bias is not None else scales, y, ws, counters,
         m, n, k // TILE_K, qweight.stride(0), scales.stride(0), y.stride(0),
-        GROUP_SIZE=group_size, SPLIT_K=split_k, STAGES=stages, ASYNC=asynchronous, HAS_BIAS=bias is not None, num_warps=4,
+        GROUP_SIZE=group_size, SPLIT_K=split_k, STAGES=stages, ASYNC=asynchronous, HAS_BIAS=bias is not None,
+        num_warps=4,
     )
     return y
