@@ -72,8 +72,13 @@ def w4a16_case(m: int, n: int, k: int, ceilings: dict) -> dict:
     gbs = weight_bytes / t / 1e6
     direct = w4a16_direct.choose(x, qweight, GROUP, 4) if w4a16_direct is not None else None
     wgmma = w4a16_wgmma.choose(x, qweight, GROUP, 4) if w4a16_wgmma is not None else None
-    config = (f"direct KW={direct[0]} ROW_TILES={direct[1]}" if direct else f"wgmma SPLIT_K={wgmma[0]} STAGES={wgmma[1]}" if wgmma else
-              _best(_wq_gemv_kernel if m <= DECODE_MAX_M else _wq_gemm_kernel) if m <= FUSED_MAX_M else "dequantize + cuBLAS")
+    if direct:
+        config = f"direct KW={direct[0]} ROW_TILES={direct[1]}"
+    elif wgmma:
+        config = f"wgmma SPLIT_K={wgmma[0]} STAGES={wgmma[1]} ASYNC={wgmma[2]}"
+    else:
+        config = (_best(_wq_gemv_kernel if m <= DECODE_MAX_M else _wq_gemm_kernel) if m <= FUSED_MAX_M
+                  else "dequantize + cuBLAS")
     copies = _stream_copies(weight_bytes)
     qws = [(qweight.clone(), scales.clone(), zeros.clone()) for _ in range(copies)]
     t_stream = time_graph_ms([lambda q=q: linear_wq(x, *q, None, GROUP, 4) for q in qws])

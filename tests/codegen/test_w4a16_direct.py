@@ -3,9 +3,8 @@
 On any machine: the inline assembly that turns loaded words into mma operands computes, bit for bit, what the
 kernel's relabelling of k says (run on a lane quad by `ptx_quad.py`); the Gluon source compiles for sm_90 with the
 installed Triton into what the design says (16-byte weight loads, mma.sync, no shared memory inside the loop). On
-the GPU (`gpu`): every config against the
-reference on odd shapes, fp16 and bf16, outputs poisoned; linear_wq takes it exactly where it should; a kernel
-that fails its check warns and leaves the Triton kernel in charge.
+the GPU (`gpu`): every config against the reference on odd shapes, fp16 and bf16, outputs poisoned; linear_wq
+takes it exactly where it should; a kernel that fails its check warns and leaves the Triton kernel in charge.
 """
 import random
 import warnings

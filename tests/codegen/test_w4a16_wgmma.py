@@ -3,9 +3,9 @@
 On any machine: the inline assembly that turns 16 loaded bytes into wgmma's A fragment computes, bit for bit, what
 the kernel's labels say (run on a lane quad by `ptx_quad.py`); the Gluon source compiles for sm_90 with the
 installed Triton into what the design says (16-byte weight loads straight into wgmma's register operand, x by TMA,
-no thread storing to shared memory). On the GPU (`gpu`): every
-config against the reference on odd shapes, fp16 and bf16, outputs poisoned; linear_wq takes it exactly where it
-should; a kernel that fails its check warns and leaves linear_wq's other paths in charge.
+no thread storing to shared memory). On the GPU (`gpu`): every config against the reference on odd shapes, fp16
+and bf16, outputs poisoned; linear_wq takes it exactly where it should; a kernel that fails its check warns and
+leaves linear_wq's other paths in charge.
 """
 import random
 
@@ -20,6 +20,7 @@ from tests.codegen.test_w4a16_direct import (_inputs, _reference, assert_failing
 
 needs_hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
                                   reason="the wgmma kernel runs on sm_90 GPUs")
+
 
 def test_quad_transpose_leaves_each_lane_byte_c_of_every_word():
     """Lane c of a quad loads bytes 16c .. 16c + 15 of a weight row (words j = 0..3, bytes B[c][j][b]); after the
