@@ -3,7 +3,7 @@
 Entry points: `quick_bench`, passed as `triton.autotune(..., do_bench=quick_bench)`: short, since tuning
 runs once per shape and GPU, on the first call; and `streaming_bench(make_call, weight_bytes, device)`, for the
 kernels whose weights a model streams from memory (a layer's weights are not in L2 when it runs): it times calls
-over enough copies of the weights that none is in L2 when its turn comes.
+over enough copies of the weights that none is in L2 when its turn comes, as a CUDA graph (GPU time only).
 
 Every llmopt autotuner also passes `cache_results=True`: Triton keeps each choice on disk, in its cache
 directory (TRITON_CACHE_DIR), keyed by the kernel's source, the GPU target, the tuning key and the
@@ -11,8 +11,6 @@ configs, so a new process reuses it instead of timing the configs again (`benchm
 measures what that saves). Triton cannot keep the choice of a kernel whose configs have pre-hooks (the
 TMA W8A8 GEMM's): that one still tunes once per process.
 """
-import itertools
-
 import torch
 import triton.testing
 
@@ -22,9 +20,17 @@ def quick_bench(kernel_call, quantiles):
 
 
 def streaming_bench(make_call, weight_bytes: int, device: torch.device) -> float:
-    """make_call(i) -> a call on the i-th copy of the weights (weight_bytes each) -> ms a call, the calls taken in
-    turn over at least twice the L2 cache (16 copies at most)."""
+    """make_call(i) -> a call on the i-th copy of the weights (weight_bytes each) -> ms a call: one call on each of
+    enough copies to fill twice the L2 cache (16 at most), captured in one CUDA graph and timed as its replays, so
+    the host's cost of launching a call (which can exceed a small kernel's time: H100, session 18) stays out."""
     l2 = torch.cuda.get_device_properties(device).L2_cache_size
     calls = [make_call(i) for i in range(max(1, min(16, -(-2 * l2 // weight_bytes))))]
-    turn = itertools.cycle(calls)
-    return quick_bench(lambda: next(turn)(), None)
+    with torch.cuda.device(device):
+        for call in calls:  # compiles, and allocates what calls keep between them, outside the capture
+            call()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for call in calls:
+                call()
+        return quick_bench(graph.replay, None) / len(calls)

@@ -57,7 +57,7 @@ def random_w4(n: int, k: int, group_size: int, dtype: torch.dtype, device: torch
 def fastest_streaming(linear, configs: list, x: torch.Tensor, n: int, k: int, group_size: int):
     """linear(x, qweight, scales, zeros, bias, group_size, config) -> the fastest of configs for x against random
     [n, k] weights, streamed from memory (`streaming_bench`: timing calls on one copy, which L2 holds, picked configs
-    up to 1.2x slower than the best on the H100)."""
+    up to 1.2x slower than the best on the H100; timing them launched from Python, up to 1.14x slower)."""
     x = torch.randn_like(x)
     weights = []
 
