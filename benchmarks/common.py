@@ -22,14 +22,9 @@ def time_ms(fn, warmup_ms: int = 25, rep_ms: int = 200) -> float:
 def time_graph_ms(calls: list) -> float:
     """Median ms per call of `calls` (closures, e.g. over distinct inputs), captured in one CUDA graph:
     Python's launch cost stays out of the GPU time."""
-    for call in calls:  # warm up: autotuning, compilation and library plans stay out of the capture
-        call()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    return time_ms(graph.replay) / len(calls)
+    from llmopt.codegen.kernels.tuning import capture_graph
+
+    return time_ms(capture_graph(calls).replay) / len(calls)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
