@@ -63,6 +63,17 @@ def _shape(draw, gqa: bool, free_head_dim: bool) -> dict:
     }
 
 
+def _decoder_sizes(s: dict, head_dim: bool) -> dict:
+    """The Llama-style config arguments for a `_shape` draw; `head_dim` where the family takes one (others derive
+    it as hidden // heads)."""
+    sizes = dict(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["intermediate"],
+                 num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
+                 tie_word_embeddings=s["tie"], max_position_embeddings=MAX_POSITIONS)
+    if head_dim:
+        sizes["head_dim"] = s["head_dim"]
+    return sizes
+
+
 @st.composite
 def _rope(draw, scaled: bool) -> dict:
     """A `rope_parameters` dict: theta, and with `scaled` one of the static scalings."""
@@ -81,9 +92,7 @@ def _rope(draw, scaled: bool) -> dict:
 def _llama(draw) -> LlamaConfig:
     s = draw(_shape(gqa=True, free_head_dim=True))
     return LlamaConfig(
-        vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["intermediate"],
-        num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
-        head_dim=s["head_dim"], tie_word_embeddings=s["tie"], max_position_embeddings=MAX_POSITIONS,
+        **_decoder_sizes(s, head_dim=True),
         rope_parameters=draw(_rope(scaled=True)), attention_bias=draw(st.booleans()),
         mlp_bias=draw(st.booleans()), **_NO_DROPOUT, **_TOKENS,
     )
@@ -93,9 +102,7 @@ def _llama(draw) -> LlamaConfig:
 def _mistral(draw) -> MistralConfig:
     s = draw(_shape(gqa=True, free_head_dim=True))
     return MistralConfig(
-        vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["intermediate"],
-        num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
-        head_dim=s["head_dim"], tie_word_embeddings=s["tie"], max_position_embeddings=MAX_POSITIONS,
+        **_decoder_sizes(s, head_dim=True),
         rope_parameters=draw(_rope(scaled=False)), sliding_window=None, **_NO_DROPOUT, **_TOKENS,
     )
 
@@ -104,9 +111,7 @@ def _mistral(draw) -> MistralConfig:
 def _qwen2(draw) -> Qwen2Config:
     s = draw(_shape(gqa=True, free_head_dim=False))  # Qwen2 derives head_dim = hidden // heads
     return Qwen2Config(
-        vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["intermediate"],
-        num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
-        tie_word_embeddings=s["tie"], max_position_embeddings=MAX_POSITIONS,
+        **_decoder_sizes(s, head_dim=False),
         rope_parameters=draw(_rope(scaled=True)), use_sliding_window=False, **_NO_DROPOUT, **_TOKENS,
     )
 
@@ -115,9 +120,7 @@ def _qwen2(draw) -> Qwen2Config:
 def _gemma(draw) -> GemmaConfig:
     s = draw(_shape(gqa=True, free_head_dim=True))
     return GemmaConfig(
-        vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["intermediate"],
-        num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
-        head_dim=s["head_dim"], tie_word_embeddings=s["tie"], max_position_embeddings=MAX_POSITIONS,
+        **_decoder_sizes(s, head_dim=True),
         rope_parameters=draw(_rope(scaled=False)), attention_bias=draw(st.booleans()),
         **_NO_DROPOUT, **_TOKENS,
     )
@@ -129,9 +132,7 @@ def _phi3(draw) -> Phi3Config:
     rope = draw(_rope(scaled=False))
     rope["partial_rotary_factor"] = draw(st.sampled_from([1.0, 0.75, 0.5]))  # 0.75: Phi-4-mini
     return Phi3Config(
-        vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["intermediate"],
-        num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
-        tie_word_embeddings=s["tie"], max_position_embeddings=MAX_POSITIONS,
+        **_decoder_sizes(s, head_dim=False),
         original_max_position_embeddings=MAX_POSITIONS, rope_parameters=rope,
         resid_pdrop=0.0, embd_pdrop=0.0, **_NO_DROPOUT, **_TOKENS,
     )
