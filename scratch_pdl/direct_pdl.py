@@ -1,0 +1,247 @@
+"""Scratch PDL variant. Weight-only 4-bit linear for decode (M <= 8) in Gluon: weights go from global memory straight into mma registers.
+
+Entry points: `linear_w4_direct(x [M, K] bf16/fp16, qweight [N, K // 2] uint8, scales [N, K // G], zeros, bias,
+group_size, config=None) -> y [M, N]`, and `choose(x, qweight, group_size, bits) -> config | None`, which
+`linear_wq` asks first: None means "use the Triton kernel" (another GPU than sm_90, another dtype or width, M > 8,
+misaligned operands, or this kernel failed its one-time check on this Triton). Weights are 4-bit (or 3-bit, in
+4-bit slots) in the canonical layout (`llmopt/ops/linear_wq.py`: even k in the low nibble), G a power of two
+>= 128. Same function as `torch.ops.llmopt.linear_wq` up to fp32 rounding: per 128-k block the tensor cores sum
+(MAGIC + q) * x and, in a second product with a tile of ones, Σ x; the block adds s * (that - (MAGIC + z) Σ x)
+in fp32 (the reference rounds (q - z) * s to 16 bits first, then sums).
+
+Why a second kernel beside `w4a16_gemm.py`'s: a decode GEMV has only to stream the weight bytes, so what counts
+is how many are in flight and how little stands between a load and its use. Here no shared memory and no layout
+conversion do: each thread loads 16 contiguous bytes of two weight rows per 128-k block (one 16-byte load
+apiece), and those registers are, nibble for nibble, the A operand of `mma.m16n8k16` once turned into floats
+(one shift and one `lop3` into the mantissa of 128.0 per two weights; 1024.0 for fp16). A program is 16 weight
+rows and KW warps that split K between them (block it * KW + wk for warp wk); each warp holds two blocks of
+registers, reloading one as soon as it is used (the loop is unrolled twice, so nothing is copied between them),
+and the warps' partial sums meet once, at the end. Measured on the H100 beside the shipped Triton kernel:
+1.06-1.16x it at M = 1 and 4, slower at M = 16 (benchmarks/RESULTS.md), hence M <= 8.
+
+How 16 contiguous bytes become an mma operand without moving data: a dot's sum does not depend on the order of
+k, so the kernel sums in a "logical" order of its own, the same for the weights and for x. A thread in lane-quad
+position c holds the physical k 32c .. 32c + 31 of a block (four words j of eight nibbles). From word j the
+shift and `lop3` give four registers p = 0..3 of two values each, the nibbles p and p + 4: physical k
+32c + 8j + p + 4e (e = 0, 1). They are labelled logical k = e + 2c + 8p + 32j, which is where mma's A layout
+(k_width 2) expects a thread in position c to hold its pairs. x is loaded as the same 32 physical values of the
+same thread position and paired the same way (one `prmt` per register), so the B operand matches: both
+`convert_layout(..., assert_trivial=True)` compile to nothing.
+"""
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+from llmopt.codegen.kernels.w4a16_first_use import TILE_K
+
+BLOCK_K = gl.constexpr(TILE_K)
+MAX_M = 8  # x rows: the mma's n = 8 (M = 16 measured slower than the Triton kernel)
+BLOCK_M = gl.constexpr(MAX_M)
+
+
+@gluon.constexpr_function
+def _word_layout(kw: int, row_tiles: int) -> gl.DistributedLinearLayout:
+    """[KW, BN, 16] int32 weight words of one 128-k block a warp: a thread holds 4 contiguous words (16 bytes)
+    of rows g and g + 8 of each 16-row tile (g = lane // 4), at word 4c (c = lane % 4); warps split K."""
+    return gl.DistributedLinearLayout(
+        reg_bases=[[0, 0, 1], [0, 0, 2], [0, 8, 0]] + [[0, 16 << i, 0] for i in range(row_tiles.bit_length() - 1)],
+        lane_bases=[[0, 0, 4], [0, 0, 8], [0, 1, 0], [0, 2, 0], [0, 4, 0]],
+        warp_bases=[[1 << i, 0, 0] for i in range(kw.bit_length() - 1)],
+        block_bases=[], shape=[kw, 16 * row_tiles, 16])
+
+
+@gluon.constexpr_function
+def _x_layout(kw: int) -> gl.DistributedLinearLayout:
+    """[KW, 8, 64] int32 x words (2 values each) of one 128-k block: the thread in lane g, position c holds x row
+    g's words 16c .. 16c + 15 (its 32 physical k, as for the weights)."""
+    return gl.DistributedLinearLayout(
+        reg_bases=[[0, 0, 1], [0, 0, 2], [0, 0, 4], [0, 0, 8]],
+        lane_bases=[[0, 0, 16], [0, 0, 32], [0, 1, 0], [0, 2, 0], [0, 4, 0]],
+        warp_bases=[[1 << i, 0, 0] for i in range(kw.bit_length() - 1)],
+        block_bases=[], shape=[kw, 8, 64])
+
+
+# a weight word (8 nibbles, two int16 elements) -> 4 registers p of the float pair (MAGIC + nibble p, MAGIC + nibble
+# p + 4): the element pair (e = 0, 1) of plane p
+_W_ASM = " ".join(["{ .reg .b32 u;"] + [f"shr.b32 u, $4, {4 * p}; lop3.b32 ${p}, u, 0x000F000F, MAGIC, 0xea;"
+                                        for p in range(4)] + ["}"])
+_W_ASM_BF16 = gl.constexpr(_W_ASM.replace("MAGIC", "0x43004300"))  # bf16 128 + q
+_W_ASM_FP16 = gl.constexpr(_W_ASM.replace("MAGIC", "0x64006400"))  # fp16 1024 + q
+# two x words a (e = 0) and b (e = 1) of two values each -> the pairs (a.lo, b.lo) and (a.hi, b.hi)
+_X_ASM = gl.constexpr("prmt.b32 $0, $2, $3, 0x5410; prmt.b32 $1, $2, $3, 0x7632;")
+
+
+@gluon.jit
+def _nibble_pairs(words, asm: gl.constexpr):
+    """words: [KW, BN, 16] int32 -> [KW, BN, c, j, e, p0, p1] int16: output p = 2 p1 + p0 of asm (one 16-bit float
+    pair a register, from two 16-bit halves of a word at once) for half e of word 4c + j. Both Gluon W4A16 kernels'
+    dequantization; they differ in asm and in how they order the result."""
+    lo, hi = gl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [words], dtype=(gl.int16, gl.int16),
+                                      is_pure=True, pack=1)
+    halves = gl.reshape(gl.join(lo, hi), [words.shape[0], words.shape[1], 32])
+    p = gl.inline_asm_elementwise(asm, "=r,=r,=r,=r,r", [halves], dtype=(gl.int16, ) * 4, is_pure=True, pack=2)
+    shape: gl.constexpr = [words.shape[0], words.shape[1], 4, 4, 2]  # c, j (word 4c + j), e (its half)
+    return gl.join(gl.join(gl.reshape(p[0], shape), gl.reshape(p[1], shape)),
+                   gl.join(gl.reshape(p[2], shape), gl.reshape(p[3], shape)))
+
+
+@gluon.jit
+def _dequantize(words, dtype: gl.constexpr):
+    """words: [KW, BN, 16] int32 -> [KW, BN, 128] MAGIC + q in dtype, logical k (module docstring)."""
+    if dtype == gl.bfloat16:
+        asm: gl.constexpr = _W_ASM_BF16
+    else:
+        asm: gl.constexpr = _W_ASM_FP16
+    t = _nibble_pairs(words, asm)  # [KW, BN, c, j, e, p0, p1]
+    t = gl.permute(t, (0, 1, 3, 6, 5, 2, 4))  # [KW, BN, j, p1, p0, c, e]: logical k = e + 2c + 8p + 32j
+    return gl.reshape(t, [words.shape[0], words.shape[1], BLOCK_K]).to(dtype, bitcast=True)
+
+
+@gluon.jit
+def _x_operand(xw, dtype: gl.constexpr):
+    """xw: [KW, BLOCK_M, 64] int32 x words (word 16c + 4j + 2e + h holds physical k 32c + 8j + 4e + 2h + b, b = 0, 1)
+    -> [KW, BLOCK_M, 128] in dtype, logical k as the weights' (p = 2h + b)."""
+    lo, hi = gl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [xw], dtype=(gl.int16, gl.int16),
+                                      is_pure=True, pack=1)
+    t = gl.reshape(gl.join(lo, hi), [xw.shape[0], xw.shape[1], 4, 4, 2, 2, 2])  # c, j, e, h, b
+    a, b = gl.split(gl.permute(t, (0, 1, 2, 3, 5, 6, 4)))  # e = 0 and e = 1: [KW, BLOCK_M, c, j, h, b]
+    lo, hi = gl.inline_asm_elementwise(_X_ASM, "=r,=r,r,r", [a, b], dtype=(gl.int16, ) * 2, is_pure=True, pack=2)
+    t = gl.join(lo, hi)  # [KW, BLOCK_M, c, j, h, e, p0]: lo holds b = 0 (e = 0, 1), hi b = 1
+    t = gl.permute(t, (0, 1, 3, 4, 6, 2, 5))  # [KW, BLOCK_M, j, h (p1), p0, c, e]
+    return gl.reshape(t, [xw.shape[0], xw.shape[1], BLOCK_K]).to(dtype, bitcast=True)
+
+
+@gluon.jit
+def _load_weights(it, w_ptrs, x_ptrs, z_ptrs, s_ptrs, wk, xk, sk, num_kb, KW: gl.constexpr,
+                  GROUP_SIZE: gl.constexpr):
+    kb_w = gl.minimum(it * KW + wk, num_kb - 1)
+    kb_s = it * KW + sk
+    words = gl.load(w_ptrs + (kb_w * (BLOCK_K // 8))[:, None, None])
+    g = (gl.minimum(kb_s, num_kb - 1) * BLOCK_K // GROUP_SIZE)[:, None]
+    z = gl.load(z_ptrs + g)
+    s = gl.load(s_ptrs + g, mask=(kb_s < num_kb)[:, None], other=0.0)
+    return words, z, s
+
+
+@gluon.jit
+def _load_x(it, w_ptrs, x_ptrs, z_ptrs, s_ptrs, wk, xk, sk, num_kb, KW: gl.constexpr,
+            GROUP_SIZE: gl.constexpr):
+    kb_x = it * KW + xk
+    return gl.load(x_ptrs + (gl.minimum(kb_x, num_kb - 1) * (BLOCK_K // 2))[:, None, None])
+
+
+@gluon.jit
+def _load_block(it, w_ptrs, x_ptrs, z_ptrs, s_ptrs, wk, xk, sk, num_kb, KW: gl.constexpr,
+                GROUP_SIZE: gl.constexpr):
+    words, z, s = _load_weights(it, w_ptrs, x_ptrs, z_ptrs, s_ptrs, wk, xk, sk, num_kb, KW, GROUP_SIZE)
+    xw = _load_x(it, w_ptrs, x_ptrs, z_ptrs, s_ptrs, wk, xk, sk, num_kb, KW, GROUP_SIZE)
+    return words, xw, z, s
+
+
+@gluon.jit
+def _gdc(dummy, asm: gl.constexpr):
+    return gl.inline_asm_elementwise(asm, "=r,r", [dummy], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _accumulate(acc, block, ones, a_layout: gl.constexpr, b_layout: gl.constexpr, magic: gl.constexpr):
+    """acc [KW, BN, BLOCK_M] fp32 yᵀ + one block (_load_block's tuple): s * (Σ (MAGIC + q) x - (MAGIC + z) Σ x)."""
+    words, xw, z, s = block
+    dtype: gl.constexpr = ones.dtype
+    zero = gl.zeros_like(acc)
+    w = gl.convert_layout(_dequantize(words, dtype), a_layout, assert_trivial=True)  # [KW, BN, 128]
+    xt = gl.convert_layout(gl.permute(_x_operand(xw, dtype), (0, 2, 1)), b_layout, assert_trivial=True)
+    raw = mma_v2(w, xt, zero)  # Σ (MAGIC + q) x: [KW, BN, BLOCK_M]
+    sx = mma_v2(ones, xt, zero)  # Σ x, in every row
+    zb = z.to(gl.float32) + magic
+    return acc + s.to(gl.float32)[:, :, None] * (raw - zb[:, :, None] * sx)
+
+
+@gluon.jit
+def _w4_direct_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, num_kb, stride_xm, stride_qn, stride_sn,
+                      stride_ym, GROUP_SIZE: gl.constexpr, KW: gl.constexpr, ROW_TILES: gl.constexpr,
+                      HAS_BIAS: gl.constexpr, PDL: gl.constexpr):
+    dtype: gl.constexpr = x_ptr.dtype.element_ty
+    magic: gl.constexpr = 128.0 if dtype == gl.bfloat16 else 1024.0
+    BN: gl.constexpr = 16 * ROW_TILES
+    w_layout: gl.constexpr = _word_layout(KW, ROW_TILES)
+    x_layout: gl.constexpr = _x_layout(KW)
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[KW, 1, 1],
+                                                         instr_shape=[1, 16, 8])
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    b_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=acc_layout, k_width=2)
+    row_layout: gl.constexpr = gl.SliceLayout(2, acc_layout)  # [KW, BN]
+    row0 = gl.program_id(0) * BN
+
+    # weight words [1, BN, 16] of block 0; rows past N read row N - 1 (their outputs are not stored)
+    wk = gl.arange(0, KW, layout=gl.SliceLayout(1, gl.SliceLayout(2, w_layout)))
+    rows = gl.minimum(row0 + gl.arange(0, BN, layout=gl.SliceLayout(0, gl.SliceLayout(2, w_layout))), N - 1)
+    wu = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, w_layout)))
+    w_ptrs = qw_ptr.to(gl.pointer_type(gl.int32)) + rows[None, :, None] * (stride_qn // 4) + wu[None, None, :]
+    # x words [1, BLOCK_M, 64] of block 0
+    xk = gl.arange(0, KW, layout=gl.SliceLayout(1, gl.SliceLayout(2, x_layout)))
+    # rows past M: copies of row M - 1
+    xm = gl.minimum(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, gl.SliceLayout(2, x_layout))), M - 1)
+    xu = gl.arange(0, 64, layout=gl.SliceLayout(0, gl.SliceLayout(1, x_layout)))
+    x_ptrs = x_ptr.to(gl.pointer_type(gl.int32)) + xm[None, :, None] * (stride_xm // 2) + xu[None, None, :]
+    # zero points and scales [1, BN] of group 0, in the accumulator's row layout
+    sk = gl.arange(0, KW, layout=gl.SliceLayout(1, row_layout))
+    s_rows = gl.minimum(row0 + gl.arange(0, BN, layout=gl.SliceLayout(0, row_layout)), N - 1)
+    s_ptrs = s_ptr + s_rows[None, :] * stride_sn
+    z_ptrs = z_ptr + s_rows[None, :] * stride_sn
+    ptrs = (w_ptrs, x_ptrs, z_ptrs, s_ptrs, wk, xk, sk, num_kb, KW, GROUP_SIZE)
+
+    ones = gl.full([KW, BN, BLOCK_K], 1.0, dtype, a_layout)  # its product with x: Σx over the block in every row
+    acc = gl.zeros([KW, BN, BLOCK_M], gl.float32, acc_layout)  # yᵀ partial sums, one a warp
+    # two sets of registers, each reloaded right after its block is used, so a load has a block of work to
+    # arrive in; the loop is unrolled twice (no copies between the sets); blocks past the end add 0
+    n_it = gl.cdiv(gl.cdiv(num_kb, KW), 2) * 2
+    # PDL: 0 off; 1 trigger at start; 2 trigger after the loop; 3 no trigger (implicit at exit)
+    if PDL == 1:
+        _gdc(sk, "griddepcontrol.launch_dependents; mov.b32 $0, $1;")
+    if PDL == 0:
+        buf0 = _load_block(0, *ptrs)
+        buf1 = _load_block(1, *ptrs)
+    else:
+        w0, z0, s0 = _load_weights(0, *ptrs)
+        w1, z1, s1 = _load_weights(1, *ptrs)
+        _gdc(sk, "griddepcontrol.wait; mov.b32 $0, $1;")
+        buf0 = (w0, _load_x(0, *ptrs), z0, s0)
+        buf1 = (w1, _load_x(1, *ptrs), z1, s1)
+    for it in range(0, n_it, 2):
+        acc = _accumulate(acc, buf0, ones, a_layout, b_layout, magic)
+        buf0 = _load_block(it + 2, *ptrs)
+        acc = _accumulate(acc, buf1, ones, a_layout, b_layout, magic)
+        buf1 = _load_block(it + 3, *ptrs)
+
+    if PDL == 2:
+        _gdc(sk, "griddepcontrol.launch_dependents; mov.b32 $0, $1;")
+    y = gl.sum(acc, axis=0)  # [BN, BLOCK_M]: the warps' partial sums meet
+    y_layout: gl.constexpr = gl.SliceLayout(0, acc_layout)
+    offs_n = row0 + gl.arange(0, BN, layout=gl.SliceLayout(1, y_layout))
+    offs_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, y_layout))
+    if HAS_BIAS:
+        y += gl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(gl.float32)[:, None]
+    mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
+    gl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], y.to(dtype), mask=mask)
+
+
+CONFIGS = [(8, 1), (4, 2), (4, 1), (2, 1)]  # (KW, ROW_TILES): the best of a sweep on the H100 for some shape each
+def linear_w4_direct(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bias,
+                     group_size: int, config=None, pdl=0) -> torch.Tensor:
+    """x [M, K] (M <= 8, 16-bit, contiguous), qweight [N, K // 2] uint8 (contiguous), scales/zeros [N, K // G],
+    bias [N] or None -> y [M, N]. config: (KW, ROW_TILES), CONFIGS[0] when None."""
+    m, k = x.shape
+    n = qweight.shape[0]
+    scales = scales.contiguous()
+    zeros = zeros.to(scales.dtype).contiguous()
+    kw, row_tiles = config or CONFIGS[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)  # y: [M, N]
+    _w4_direct_kernel[(triton.cdiv(n, 16 * row_tiles), )](
+        x, qweight, scales, zeros, bias if bias is not None else scales, y,
+        m, n, k // TILE_K, x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
+        GROUP_SIZE=group_size, KW=kw, ROW_TILES=row_tiles, HAS_BIAS=bias is not None, PDL=pdl, num_warps=kw, launch_pdl=pdl > 0,
+    )
+    return y
