@@ -199,9 +199,11 @@ def _w4_direct_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, num_kb, s
     # arrive in; the loop is unrolled twice (no copies between the sets); blocks past the end add 0
     n_it = gl.cdiv(gl.cdiv(num_kb, KW), 2) * 2
     # PDL: 0 off; 1 trigger at start; 2 trigger after the loop; 3 no trigger (implicit at exit)
-    if PDL == 1:
+    if PDL == 1 or PDL == 4:
         _gdc(sk, "griddepcontrol.launch_dependents; mov.b32 $0, $1;")
-    if PDL == 0:
+    if PDL == 4:
+        _gdc(sk, "griddepcontrol.wait; mov.b32 $0, $1;")
+    if PDL == 0 or PDL == 4:
         buf0 = _load_block(0, *ptrs)
         buf1 = _load_block(1, *ptrs)
     else:
