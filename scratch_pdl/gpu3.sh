@@ -1,4 +1,4 @@
-# PDL: the W4A16 GPU tests beside compiles, the modes bench, then the whole GPU suite (stops by t = 325 s).
+# PDL: the W4A16 GPU tests beside compiles, the modes bench, then the whole GPU suite (stops by t = 275 s).
 export PYTHONUNBUFFERED=1
 python3 -m pip install --no-deps --no-build-isolation -e . -q 2>&1 | tail -2
 (timeout 150 python3 -m pytest -m gpu -n 4 -q tests/codegen/test_w4a16_wgmma.py tests/codegen/test_w4a16_direct.py tests/codegen/test_tuning.py tests/codegen/test_gemm_kernels.py > $OUT/tests.log 2>&1; echo tests rc=$? >> $OUT/tests.log) &
@@ -6,8 +6,8 @@ for i in $(seq 0 9); do timeout 150 python3 -m scratch_pdl.warm $i 10 > $OUT/war
 wait
 cat $OUT/warm*.log | grep -i "error\|warm" | sort | uniq -c | head -3; grep -i "passed\|failed\|rc=\|Error" $OUT/tests.log | tail -12
 echo "t=$SECONDS"
-timeout $((240 - SECONDS)) python3 -m scratch_pdl.bench_pdl > $OUT/bench_pdl.log 2>&1; echo bench rc=$?
+timeout $((215 - SECONDS)) python3 -m scratch_pdl.bench_pdl > $OUT/bench_pdl.log 2>&1; echo bench rc=$?
 grep -v "^{" $OUT/bench_pdl.log | tail -40
 echo "t=$SECONDS"
-timeout $((325 - SECONDS)) python3 -m pytest -m gpu -n 8 -q tests > $OUT/gpu_suite.log 2>&1; echo suite rc=$?
+timeout $((275 - SECONDS)) python3 -m pytest -m gpu -n 8 -q tests > $OUT/gpu_suite.log 2>&1; echo suite rc=$?
 grep -i "passed\|failed" $OUT/gpu_suite.log | tail -12
