@@ -1,45 +1,48 @@
-"""Programmatic dependent launch (PDL) for the Gluon decode kernels on Hopper.
+"""Programmatic dependent launch (PDL): when llmopt's kernels launch with it, and the contract they keep.
 
-Entry points: `launch_dependents(dummy)` and `wait_for_previous(dummy)`, Gluon functions a kernel calls (dummy: any
-small distributed tensor, whose values are ignored), and `enabled() -> bool`, whether to launch with the attribute.
+Entry points: `launch_options(device) -> dict`, the keyword arguments a Triton kernel with a `PDL: tl.constexpr`
+parameter is launched with (`PDL` and, where it is on, Triton's `launch_pdl`); `use_pdl(device) -> bool`;
+`enabled() -> bool`. The Gluon kernels' instructions are in `pdl_gluon.py`.
 
 A decode step is a chain of kernels of a few microseconds each, and each pays a fixed cost to start: the launch,
-and the first loads' latency before any byte streams. Launched with `launch_pdl=True`
+and the first loads' latency before any byte streams. Launched with PDL
 (`CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION`), a kernel may start while the one before it in the stream
 still runs, once every program of that one has executed `griddepcontrol.launch_dependents` (or exited);
-`griddepcontrol.wait` then blocks until that kernel has finished and its writes are visible. The contract a kernel
-keeps: nothing it reads that an earlier kernel may write, and nothing it writes, is touched before the wait. The
-W4A16 kernels call `launch_dependents` first (so the next kernel's programs take the SMs' free slots while this one
-streams) and `wait_for_previous` before any load. A kernel launched without the attribute, or after one that never
-calls `launch_dependents`, runs as before: both instructions are then no-ops. Both are safe in CUDA graphs, which
-keep the programmatic edge.
+`griddepcontrol.wait` then blocks until that kernel has finished and its writes are visible. The contract every
+llmopt kernel with a `PDL` switch keeps: it calls `launch_dependents` first (so the next kernel's programs take the
+SMs' free slots while this one runs) and `wait` before any load or store. Since each kernel waits for the one
+before it to finish, and that one waited for its own predecessor, a kernel that starts early never sees a write
+still in flight, however long the chain. A kernel launched without the attribute (a library kernel, say) waits for
+the whole stream as always, and one launched after a kernel that never triggers gains nothing but loses nothing:
+both instructions are then no-ops. CUDA graphs keep the programmatic edges.
 
-`LLMOPT_PDL=0` in the environment turns it off (the benchmarks time both).
+PDL exists on sm_90 and later; it is off under the Triton interpreter and when `LLMOPT_PDL=0` is set (the
+benchmarks time both).
 """
+import functools
 import os
 
-from triton.experimental import gluon
-from triton.experimental.gluon import language as gl
+import torch
+import triton
 
 
 def enabled() -> bool:
-    """Whether the Gluon decode kernels launch with PDL (they run on sm_90 only, where it exists)."""
+    """Whether kernels launch with PDL where the GPU has it (`LLMOPT_PDL=0` turns it off)."""
     return os.environ.get("LLMOPT_PDL", "1") != "0"
 
 
-@gluon.jit
-def _grid_dependency_control(dummy, instruction: gl.constexpr):
-    gl.inline_asm_elementwise(instruction + " mov.b32 $0, $1;", "=r,r", [dummy], dtype=gl.int32, is_pure=False,
-                              pack=1)
+@functools.lru_cache(maxsize=None)
+def _has_pdl(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (9, 0)
 
 
-@gluon.jit
-def launch_dependents(dummy):
-    """Let the next kernel in the stream start its programs now (where it was launched with PDL)."""
-    _grid_dependency_control(dummy, "griddepcontrol.launch_dependents;")
+def use_pdl(device: torch.device) -> bool:
+    """Whether a Triton kernel on `device` launches with PDL: sm_90 or later, not interpreted, `enabled()`."""
+    if device.type != "cuda" or triton.knobs.runtime.interpret or not enabled():
+        return False
+    return _has_pdl(device.index if device.index is not None else torch.cuda.current_device())
 
 
-@gluon.jit
-def wait_for_previous(dummy):
-    """Block until the previous kernel in the stream has finished and its writes are visible."""
-    _grid_dependency_control(dummy, "griddepcontrol.wait;")
+def launch_options(device: torch.device) -> dict:
+    """`PDL` for the kernel's constexpr switch, and Triton's `launch_pdl` where it is on."""
+    return {"PDL": True, "launch_pdl": True} if use_pdl(device) else {"PDL": False}

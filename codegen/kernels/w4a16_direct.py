@@ -34,7 +34,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-from llmopt.codegen.kernels import pdl
+from llmopt.codegen.kernels import pdl, pdl_gluon
 from llmopt.codegen.kernels.w4a16_first_use import TILE_K, fastest_streaming, first_use_config, matches_reference
 
 BLOCK_K = gl.constexpr(TILE_K)
@@ -180,8 +180,8 @@ def _w4_direct_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, num_kb, s
     ptrs = (w_ptrs, x_ptrs, z_ptrs, s_ptrs, wk, xk, sk, num_kb, KW, GROUP_SIZE)
 
     if PDL:  # the next kernel may start now; nothing is read or written before the previous one has finished
-        pdl.launch_dependents(sk)
-        pdl.wait_for_previous(sk)
+        pdl_gluon.launch_dependents(sk)
+        pdl_gluon.wait_for_previous(sk)
     ones = gl.full([KW, BN, BLOCK_K], 1.0, dtype, a_layout)  # its product with x: Σx over the block in every row
     acc = gl.zeros([KW, BN, BLOCK_M], gl.float32, acc_layout)  # yᵀ partial sums, one a warp
     # two sets of registers, each reloaded right after its block is used, so a load has a block of work to

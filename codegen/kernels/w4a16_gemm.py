@@ -43,14 +43,15 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from llmopt.codegen.kernels import pdl
 from llmopt.codegen.kernels.dequantize_wq import dequantize_wq
 from llmopt.codegen.kernels.split_k import arrival_counters
 from llmopt.codegen.kernels.tuning import quick_bench
 
 try:  # Gluon's mma_v2, wgmma and linear layouts: Triton >= 3.6
-    from llmopt.codegen.kernels import pdl, w4a16_direct, w4a16_wgmma
+    from llmopt.codegen.kernels import w4a16_direct, w4a16_wgmma
 except ImportError:
-    pdl = w4a16_direct = w4a16_wgmma = None
+    w4a16_direct = w4a16_wgmma = None
 
 _INTERPRET = triton.knobs.runtime.interpret
 DECODE_MAX_M = 16
@@ -339,7 +340,6 @@ def linear_wq(
     if m == 0:
         return y.reshape(*lead, n)
     kernel = _wq_gemv_kernel if m <= DECODE_MAX_M else _wq_gemm_kernel
-    launch_pdl = _launch_pdl(x.device)
     ws = torch.empty(_MAX_SPLIT_K[kernel], m, n, dtype=torch.float32, device=x.device)  # ws: [S, M, N]
     counters = arrival_counters(x.device, triton.cdiv(m, _MIN_TILE) * triton.cdiv(n, _MIN_TILE))
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
@@ -349,13 +349,7 @@ def linear_wq(
         x2.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
         GROUP_SIZE=group_size, BITS=bits, HAS_BIAS=bias is not None,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", BLOCK_K=min(group_size, 128),
-        FAST_UNPACK=not _INTERPRET, PDL=launch_pdl, **({"launch_pdl": True} if launch_pdl else {}),
+        FAST_UNPACK=not _INTERPRET, **pdl.launch_options(x.device),
     )
     return y.reshape(*lead, n)
 
-
-def _launch_pdl(device: torch.device) -> bool:
-    """Whether the Triton kernel launches with programmatic dependent launch: on sm_90 and later, not under the
-    interpreter, unless LLMOPT_PDL=0."""
-    return (pdl is not None and pdl.enabled() and not _INTERPRET and device.type == "cuda"
-            and torch.cuda.get_device_capability(device) >= (9, 0))

@@ -36,7 +36,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                                warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from llmopt.codegen.kernels import pdl
+from llmopt.codegen.kernels import pdl, pdl_gluon
 from llmopt.codegen.kernels.split_k import arrival_counters
 from llmopt.codegen.kernels.w4a16_direct import _nibble_pairs
 from llmopt.codegen.kernels.w4a16_first_use import TILE_K, fastest_streaming, first_use_config, matches_reference
@@ -179,8 +179,8 @@ def _w4_wgmma_kernel(x_desc, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_p
 
     if PDL:  # the next kernel may start now; nothing is read or written before the previous one has finished
         lanes = gl.arange(0, 32 * NW, layout=gl.BlockedLayout([1], [32], [NW], [0]))
-        pdl.launch_dependents(lanes)
-        pdl.wait_for_previous(lanes)
+        pdl_gluon.launch_dependents(lanes)
+        pdl_gluon.wait_for_previous(lanes)
     pid = gl.program_id(0)
     num_m = gl.cdiv(M, BM)
     row0 = (pid // num_m) * BN

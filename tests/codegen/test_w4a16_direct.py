@@ -167,14 +167,14 @@ def test_direct_kernel_chain_under_pdl_matches_the_chain_without(m):
 @needs_hopper
 @pytest.mark.parametrize("m", [3, 16])
 def test_triton_kernel_chain_under_pdl_matches_the_chain_without(monkeypatch, m):
-    from llmopt.codegen.kernels import w4a16_gemm
+    from llmopt.codegen.kernels import pdl, w4a16_gemm
 
     monkeypatch.setattr(w4a16_gemm, "w4a16_direct", None)  # the Triton kernel at every M
     monkeypatch.setattr(w4a16_gemm, "w4a16_wgmma", None)
 
     def triton_linear(x, qweight, scales, zeros, bias, g, config, launch_pdl):
         monkeypatch.setenv("LLMOPT_PDL", "1" if launch_pdl else "0")
-        assert w4a16_gemm._launch_pdl(x.device) == launch_pdl
+        assert pdl.use_pdl(x.device) == launch_pdl
         return w4a16_gemm.linear_wq(x, qweight, scales, zeros, bias, g, 4)
 
     assert_chain_under_pdl_matches(triton_linear, [None], m)
