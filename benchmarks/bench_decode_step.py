@@ -1,9 +1,9 @@
 """One-token steps of a lowered model on the GPU, replayed from CUDA graphs: W4A16 against bf16, and programmatic
 dependent launch (PDL) on and off, in the same run.
 
-Entry point: `python benchmarks/bench_decode_step.py [--layers 8] [--batch 1]`. A Llama-2-7B-shaped model (random
+Entry point: `python benchmarks/bench_decode_step.py [--layers 8] [--batch 1,16]`. A Llama-2-7B-shaped model (random
 weights, bf16, `--layers` of its 32 layers) is compiled with backend="triton" twice: bf16 (FuseAttention) and RTN
-w4g128 (weight-only int4, the format AWQ also produces). Each runs a step of `--batch` sequences of one token (no KV
+w4g128 (weight-only int4, the format AWQ also produces). Each runs a step of B sequences of one token (each B of `--batch`) (no KV
 cache: llmopt's lowered program recomputes its input, so a one-token input is the decode step's linears, norms and
 pointwise kernels, every linear at M = batch), captured in one CUDA graph and timed as its replays (events, warm-up,
 median), as a serving runtime replays decode steps. PDL (`codegen/kernels/pdl.py`) lets each kernel start while
@@ -37,34 +37,35 @@ def run(args) -> list:
     from llmopt.codegen import lower
 
     model = build_llama_7b_shape(args.layers)
-    ids = torch.randint(0, 32000, (args.batch, 1), device="cuda")  # ids: [B, 1]
     bf16 = lower(llmopt.compile(model, passes=[P.FuseAttention()], backend="triton").program, cuda_graphs=False)
     w4 = lower(llmopt.compile(model, passes=[P.RTN(bits=4, group_size=128), P.FuseAttention()],
                               backend="triton").program, cuda_graphs=False)
-    with torch.no_grad():
-        agreement = torch.nn.functional.cosine_similarity(bf16(ids).float().flatten(), w4(ids).float().flatten(), 0)
-    times = {(name, pdl): step_us(lowered, ids, pdl) for name, lowered in (("bf16", bf16), ("W4A16", w4))
-             for pdl in (False, True)}
-    base = times["bf16", False]
     rows = []
-    for (name, pdl), us in times.items():
-        rows.append({"model": f"llmopt {name}", "PDL": "on" if pdl else "off", "µs a step": us,
-                     "speed-up vs bf16 without PDL": base / us,
-                     "PDL gain": times[name, False] / us if pdl else ""})
-    print(f"W4A16 vs bf16 logits, cosine similarity: {agreement.item():.4f}")
+    for batch in args.batch:
+        ids = torch.randint(0, 32000, (batch, 1), device="cuda")  # ids: [B, 1]
+        with torch.no_grad():
+            agreement = torch.nn.functional.cosine_similarity(bf16(ids).float().flatten(), w4(ids).float().flatten(), 0)
+        print(f"batch {batch}: W4A16 vs bf16 logits, cosine similarity {agreement.item():.4f}", flush=True)
+        times = {(name, pdl): step_us(lowered, ids, pdl) for name, lowered in (("bf16", bf16), ("W4A16", w4))
+                 for pdl in (False, True)}
+        for (name, pdl), us in times.items():
+            rows.append({"batch": batch, "model": f"llmopt {name}", "PDL": "on" if pdl else "off", "µs a step": us,
+                         "speed-up vs bf16 without PDL": times["bf16", False] / us,
+                         "PDL gain": times[name, False] / us if pdl else ""})
     return rows
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--batch", type=lambda text: [int(v) for v in text.split(",")], default=[1, 16],
+                        help="sequences a step, e.g. 1,16")
     args = parser.parse_args()
     ceilings = measure_ceilings()
     print(header(ceilings))
     rows = run(args)
-    print_table(f"One-token step, batch {args.batch}, Llama-2-7B shape ({args.layers} of 32 layers), CUDA graph "
-                "replays", ["model", "PDL", "µs a step", "speed-up vs bf16 without PDL", "PDL gain"], rows)
+    print_table(f"One-token step, Llama-2-7B shape ({args.layers} of 32 layers), CUDA graph replays",
+                ["batch", "model", "PDL", "µs a step", "speed-up vs bf16 without PDL", "PDL gain"], rows)
 
 
 if __name__ == "__main__":
