@@ -41,9 +41,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from llmopt.codegen.kernels import pdl
 from llmopt.codegen.kernels.dequantize_wq import dequantize_wq
 from llmopt.codegen.kernels.split_k import arrival_counters
 from llmopt.codegen.kernels.tuning import quick_bench
@@ -212,11 +210,7 @@ def _wq_kernel(
     FAST_UNPACK: tl.constexpr,  # inline PTX for the nibbles (not under the interpreter)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, SUB: tl.constexpr,
     SCALE_IN_TILE: tl.constexpr,
-    PDL: tl.constexpr,  # launched with programmatic dependent launch (pdl.py; sm_90+)
 ):
-    if PDL:  # the next kernel may start now; nothing is read or written before the previous one has finished
-        gdc_launch_dependents()
-        gdc_wait()
     # output tiles: row tiles inner, so the programs that share a weight tile run together
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -349,7 +343,6 @@ def linear_wq(
         x2.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
         GROUP_SIZE=group_size, BITS=bits, HAS_BIAS=bias is not None,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", BLOCK_K=min(group_size, 128),
-        FAST_UNPACK=not _INTERPRET, **pdl.launch_options(x.device),
+        FAST_UNPACK=not _INTERPRET,
     )
     return y.reshape(*lead, n)
-

@@ -36,7 +36,6 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                                warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from llmopt.codegen.kernels import pdl, pdl_gluon
 from llmopt.codegen.kernels.split_k import arrival_counters
 from llmopt.codegen.kernels.w4a16_direct import _nibble_pairs
 from llmopt.codegen.kernels.w4a16_first_use import TILE_K, fastest_streaming, first_use_config, matches_reference
@@ -165,7 +164,7 @@ def _step(i, n_loads, buf, acc, xs, ready, x_desc, kb0, num_kb, m0, a_layout: gl
 @gluon.jit
 def _w4_wgmma_kernel(x_desc, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, M, N, num_kb, stride_qn,
                      stride_sn, stride_ym, GROUP_SIZE: gl.constexpr, SPLIT_K: gl.constexpr, STAGES: gl.constexpr,
-                     ASYNC: gl.constexpr, HAS_BIAS: gl.constexpr, PDL: gl.constexpr):
+                     ASYNC: gl.constexpr, HAS_BIAS: gl.constexpr):
     NW: gl.constexpr = 4  # one warpgroup
     BN: gl.constexpr = 64
     BM: gl.constexpr = x_desc.block_type.shape[0]
@@ -177,10 +176,6 @@ def _w4_wgmma_kernel(x_desc, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_p
     row_layout: gl.constexpr = gl.SliceLayout(1, a_layout)  # [BN]
     w_layout: gl.constexpr = _word_layout()
 
-    if PDL:  # the next kernel may start now; nothing is read or written before the previous one has finished
-        lanes = gl.arange(0, 32 * NW, layout=gl.BlockedLayout([1], [32], [NW], [0]))
-        pdl_gluon.launch_dependents(lanes)
-        pdl_gluon.wait_for_previous(lanes)
     pid = gl.program_id(0)
     num_m = gl.cdiv(M, BM)
     row0 = (pid // num_m) * BN
@@ -284,17 +279,15 @@ def _matches_reference(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def linear_w4_wgmma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bias,
-                    group_size: int, config=None, launch_pdl=None) -> torch.Tensor:
+                    group_size: int, config=None) -> torch.Tensor:
     """x [M, K] (16-bit, contiguous), qweight [N, K // 2] uint8 (contiguous), scales/zeros [N, K // G], bias [N] or
-    None -> y [M, N]. config: (split_k, stages, asynchronous wgmma), CONFIGS[0] when None; launch_pdl: programmatic
-    dependent launch (`pdl.py`), `pdl.enabled()` when None."""
+    None -> y [M, N]. config: (split_k, stages, asynchronous wgmma), CONFIGS[0] when None."""
     m, k = x.shape
     n = qweight.shape[0]
     scales = scales.contiguous()
     zeros = zeros.to(scales.dtype).contiguous()
     split_k, stages, asynchronous = config or CONFIGS[0]
     assert stages % 2 == 0 and stages >= (4 if asynchronous else 2), f"{stages} x slots: even, 4 or more if async"
-    launch_pdl = pdl.enabled() if launch_pdl is None else launch_pdl
     bm = tile_m(m)
     n_tiles = triton.cdiv(n, 64) * triton.cdiv(m, bm)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)  # y: [M, N]
@@ -305,6 +298,6 @@ def linear_w4_wgmma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
         x_desc, qweight, scales, zeros, bias if bias is not None else scales, y, ws, counters,
         m, n, k // TILE_K, qweight.stride(0), scales.stride(0), y.stride(0),
         GROUP_SIZE=group_size, SPLIT_K=split_k, STAGES=stages, ASYNC=asynchronous, HAS_BIAS=bias is not None,
-        PDL=launch_pdl, num_warps=4, launch_pdl=launch_pdl,
+        num_warps=4,
     )
     return y

@@ -29,28 +29,6 @@ from llmopt.codegen.kernels.w4a16_gemm import FUSED_MAX_M, linear_wq
 from llmopt.codegen.kernels.w8a8_gemm import linear_w8a8
 from llmopt.ops.linear_w8a8 import quantize_per_token, quantize_static
 from llmopt.ops.linear_wq import dequantize_groups, pack_int4
-from tests.codegen.sm90_compile import compile_job
-
-# The W4A16 Triton kernel in a decode and a prefill config, compiled for sm_90 with programmatic dependent launch on
-# (in a child process: this suite runs Triton's interpreter, which does not compile): its first memory instructions.
-_COMPILE_WQ_FOR_SM90 = """
-import json
-import re
-from llmopt.codegen.kernels import w4a16_gemm
-from tests.codegen.sm90_compile import compile_triton_for_sm90
-
-kernel = w4a16_gemm._wq_kernel
-pointers = {name: "*bf16" for name in kernel.arg_names if name.endswith("_ptr")}
-pointers.update(qw_ptr="*u8", ws_ptr="*fp32", count_ptr="*i32")
-orders = []
-for block_m, block_n, split_k in ((16, 64, 8), (64, 64, 1)):
-    constants = dict(GROUP_SIZE=128, BITS=4, HAS_BIAS=False, DOT_PRECISION="tf32", BLOCK_K=128, FAST_UNPACK=True,
-                     BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split_k, SUB=1, SCALE_IN_TILE=False, PDL=True)
-    ptx = compile_triton_for_sm90(kernel, pointers, constants, ("x_ptr", "qw_ptr"), num_warps=4).asm["ptx"]
-    orders.append(re.findall(r"griddepcontrol[.][a-z_]+|ld[.]global|st[.]global|atom[.]", ptx)[:3])
-print(json.dumps(orders))
-"""
-BACKGROUND = {"test_wq_kernel_launches_dependents_then_waits_before_touching_memory": compile_job(_COMPILE_WQ_FOR_SM90)}
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -171,17 +149,6 @@ def test_linear_w8a8_tma_kernel(monkeypatch, m, n, k, dtype, bias, static, resid
 
 
 # ---- W4A16 (and W3, W8) -----------------------------------------------------------------------
-
-
-def test_wq_kernel_launches_dependents_then_waits_before_touching_memory():
-    """Programmatic dependent launch (codegen/kernels/pdl.py): the W4A16 Triton kernel, split-K decode and prefill
-    configs, lets the next kernel in first, then waits for the previous one, then loads."""
-    import json
-
-    done = BACKGROUND["test_wq_kernel_launches_dependents_then_waits_before_touching_memory"].result()
-    assert done.returncode == 0, done.stderr[-3000:]
-    for order in json.loads(done.stdout.strip().splitlines()[-1]):
-        assert order == ["griddepcontrol.launch_dependents", "griddepcontrol.wait", "ld.global"], order
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
