@@ -28,11 +28,9 @@ shift and `lop3` give four registers p = 0..3 of two values each, the nibbles p 
 same thread position and paired the same way (one `prmt` per register), so the B operand matches: both
 `convert_layout(..., assert_trivial=True)` compile to nothing.
 
-Launched with programmatic dependent launch (`pdl.py`; `launch_pdl`), a program lets the next kernel start, loads
-its first two blocks' weights, zero points and scales, and only then waits for the previous kernel before it
-loads x: the weights are the compiled model's constants, which no kernel that can run ahead of this one writes, so
-the first weight bytes stream while the kernel before finishes. On the H100 that ran a stream of calls 1.09-1.14x
-faster at M = 1 (1.05-1.08x with the wait before every load; benchmarks/RESULTS.md, session 21).
+Launched with programmatic dependent launch (`pdl.py`; `launch_pdl`), a program lets the next kernel start, then
+waits for the previous kernel before its first load, so the next call's launch hides under this call's tail. On
+the H100 that ran a stream of calls 1.05-1.08x faster at M = 1 (benchmarks/RESULTS.md, session 21).
 """
 import torch
 import triton
@@ -138,24 +136,6 @@ def _load_block(it, w_ptrs, x_ptrs, z_ptrs, s_ptrs, wk, xk, sk, num_kb, KW: gl.c
 
 
 @gluon.jit
-def _load_weights(it, w_ptrs, z_ptrs, s_ptrs, wk, sk, num_kb, KW: gl.constexpr, GROUP_SIZE: gl.constexpr):
-    """_load_block's weight words, zero points and scales alone."""
-    kb_w = gl.minimum(it * KW + wk, num_kb - 1)
-    kb_s = it * KW + sk
-    words = gl.load(w_ptrs + (kb_w * (BLOCK_K // 8))[:, None, None])
-    g = (gl.minimum(kb_s, num_kb - 1) * BLOCK_K // GROUP_SIZE)[:, None]
-    z = gl.load(z_ptrs + g)
-    s = gl.load(s_ptrs + g, mask=(kb_s < num_kb)[:, None], other=0.0)
-    return words, z, s
-
-
-@gluon.jit
-def _load_x(it, x_ptrs, xk, num_kb, KW: gl.constexpr):
-    """_load_block's x words alone."""
-    return gl.load(x_ptrs + (gl.minimum(it * KW + xk, num_kb - 1) * (BLOCK_K // 2))[:, None, None])
-
-
-@gluon.jit
 def _accumulate(acc, block, ones, a_layout: gl.constexpr, b_layout: gl.constexpr, magic: gl.constexpr):
     """acc [KW, BN, BLOCK_M] fp32 yᵀ + one block (_load_block's tuple): s * (Σ (MAGIC + q) x - (MAGIC + z) Σ x)."""
     words, xw, z, s = block
@@ -203,21 +183,16 @@ def _w4_direct_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, num_kb, s
     z_ptrs = z_ptr + s_rows[None, :] * stride_sn
     ptrs = (w_ptrs, x_ptrs, z_ptrs, s_ptrs, wk, xk, sk, num_kb, KW, GROUP_SIZE)
 
+    if PDL:  # the next kernel may start now; nothing is read or written before the previous one has finished
+        pdl_gluon.launch_dependents(sk)
+        pdl_gluon.wait_for_previous(sk)
     ones = gl.full([KW, BN, BLOCK_K], 1.0, dtype, a_layout)  # its product with x: Σx over the block in every row
     acc = gl.zeros([KW, BN, BLOCK_M], gl.float32, acc_layout)  # yᵀ partial sums, one a warp
     # two sets of registers, each reloaded right after its block is used, so a load has a block of work to
     # arrive in; the loop is unrolled twice (no copies between the sets); blocks past the end add 0
     n_it = gl.cdiv(gl.cdiv(num_kb, KW), 2) * 2
-    if PDL:  # let the next kernel start; the first two blocks' weights stream while the previous kernel finishes
-        pdl_gluon.launch_dependents(sk)
-        w0, z0, s0 = _load_weights(0, w_ptrs, z_ptrs, s_ptrs, wk, sk, num_kb, KW, GROUP_SIZE)
-        w1, z1, s1 = _load_weights(1, w_ptrs, z_ptrs, s_ptrs, wk, sk, num_kb, KW, GROUP_SIZE)
-        pdl_gluon.wait_for_previous(sk)  # x, which the previous kernel may write, only after it has finished
-        buf0 = (w0, _load_x(0, x_ptrs, xk, num_kb, KW), z0, s0)
-        buf1 = (w1, _load_x(1, x_ptrs, xk, num_kb, KW), z1, s1)
-    else:
-        buf0 = _load_block(0, *ptrs)
-        buf1 = _load_block(1, *ptrs)
+    buf0 = _load_block(0, *ptrs)
+    buf1 = _load_block(1, *ptrs)
     for it in range(0, n_it, 2):
         acc = _accumulate(acc, buf0, ones, a_layout, b_layout, magic)
         buf0 = _load_block(it + 2, *ptrs)
@@ -258,8 +233,7 @@ def linear_w4_direct(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
                      group_size: int, config=None, launch_pdl=None) -> torch.Tensor:
     """x [M, K] (M <= 8, 16-bit, contiguous), qweight [N, K // 2] uint8 (contiguous), scales/zeros [N, K // G],
     bias [N] or None -> y [M, N]. config: (KW, ROW_TILES), CONFIGS[0] when None; launch_pdl: programmatic
-    dependent launch (`pdl.py`), `pdl.enabled()` when None. The weights must not be written by a kernel that
-    triggers early (llmopt's never do; see the module docstring)."""
+    dependent launch (`pdl.py`), `pdl.enabled()` when None."""
     m, k = x.shape
     n = qweight.shape[0]
     scales = scales.contiguous()

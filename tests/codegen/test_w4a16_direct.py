@@ -33,9 +33,8 @@ compiled = compile_gluon_for_sm90(
     {"GROUP_SIZE": 128, "KW": 8, "ROW_TILES": 1, "HAS_BIAS": False, "PDL": True},
     ("x_ptr", "qw_ptr", "s_ptr", "z_ptr", "stride_xm", "stride_qn"), num_warps=8)
 ptx = compiled.asm["ptx"]
-order = re.findall(r"griddepcontrol[.][a-z_]+|ld[.]global[.a-z0-9]*|st[.]global", ptx)
-print(json.dumps({"mma": ptx.count("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"),
-                  "order": order[:order.index("griddepcontrol.wait") + 2],
+order = re.findall(r"griddepcontrol[.][a-z_]+|ld[.]global|st[.]global", ptx)
+print(json.dumps({"mma": ptx.count("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"), "order": order[:3],
                   "loads": re.findall(r"ld[.]global[.a-z0-9]*", ptx), "cp_async": ptx.count("cp.async"),
                   "barriers": ptx.count("bar.sync"), "shared": compiled.metadata.shared}))
 """
@@ -89,13 +88,8 @@ def test_direct_kernel_compiles_for_hopper_into_register_loads_and_mma():
     assert len(loads) == 4 * 10
     assert result["cp_async"] == 0  # no shared-memory staging of the weights...
     assert result["barriers"] <= 3 and result["shared"] <= 8192  # ...only the warps' final sum meets there
-    # programmatic dependent launch (pdl.py): the next kernel may start; the first two blocks' weights, zero points
-    # and scales load (2 x (2 words, 4 halves)); then the wait; then x (which the previous kernel writes)
-    order = result["order"]
-    assert order[0] == "griddepcontrol.launch_dependents" and order[-2:] == ["griddepcontrol.wait", "ld.global.v4.b32"]
-    before_wait = order[1:-2]
-    assert before_wait.count("ld.global.v4.b32") == 2 * 2 and before_wait.count("ld.global.b16") == 2 * 4, order
-    assert len(before_wait) == 2 * 6, order
+    # programmatic dependent launch (pdl.py): the next kernel may start, then nothing is loaded before the wait
+    assert result["order"] == ["griddepcontrol.launch_dependents", "griddepcontrol.wait", "ld.global"]
 
 
 def _inputs(m, n, k, g, dtype, with_bias, seed=0):
