@@ -7,8 +7,9 @@ kernel's GPU tests already, which check every config too): for each kernel
 kernel against the reference op on odd shapes, then times Llama-2-7B shapes as streams (bench_gemm's "stream": C
 weight copies, at least 4x the L2 cache, one graph of C calls, divided by C): every config of the kernel (`CONFIGS`;
 "chosen" is the one its `choose` tuned) beside what `linear_wq` runs with llmopt's Gluon kernels turned off (the
-autotuned Triton kernel up to M = 64, dequantize + cuBLAS above) and `x @ Wᵀ` in bf16, all in this run. Prints
-tables.
+autotuned Triton kernel up to M = 64, dequantize + cuBLAS above) and `x @ Wᵀ` in bf16, all in this run; and, for
+the direct kernel, the chosen config launched without programmatic dependent launch ("no PDL",
+`codegen/kernels/pdl.py`: in a stream of calls each may start while the one before it finishes). Prints tables.
 """
 import itertools
 
@@ -74,6 +75,9 @@ def bench(name: str, ms=None) -> list:
         t_base = time_graph_ms([lambda q=q: _without_gluon(x, *q) for q in qws])
         times = {cfg: time_graph_ms([lambda q=q: linear(x, *q, None, GROUP, cfg) for q in qws])
                  for cfg in module.CONFIGS}
+        pdl = name == "direct"  # the one launched with PDL (pdl.py says why)
+        t_no_pdl = time_graph_ms([lambda q=q: linear(x, *q, None, GROUP, chosen, launch_pdl=False)
+                                  for q in qws]) if pdl else float("nan")
         err = rel_err(linear(x, qweight, scales, zeros, None, GROUP, chosen), x @ w.t())
         del qws
         ws = [w.clone() for _ in range(copies)]
@@ -83,6 +87,7 @@ def bench(name: str, ms=None) -> list:
         rows.append({"M": m, "N x K": f"{n} x {k}", "bf16 us": 1e3 * t_bf16, "without us": 1e3 * t_base,
                      f"{name} us": 1e3 * t, "chosen config": chosen, "best config": min(times, key=times.get),
                      f"{name} / bf16": t_bf16 / t, "without / bf16": t_bf16 / t_base, f"{name} / without": t_base / t,
+                     "no PDL us": 1e3 * t_no_pdl, "PDL gain": t_no_pdl / t,
                      f"{name} GB/s": weight_bytes / t / 1e6, "TFLOP/s": 2 * m * n * k / t / 1e9, "rel err": err,
                      "all configs us": " ".join(f"{c}: {1e3 * v:.2f}" for c, v in times.items())})
     return rows

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # What the GPU machine checks, in calls that each fit the device tool's 10-minute limit.
 # Usage (on the H200): bash benchmarks/gpu_run.sh OUT_DIR [tests|kernels|all] [e2e layers]
-#   tests:   every `gpu` test, then benchmarks/e2e.py           (about 8 minutes)
+#   tests:   every `gpu` test, then benchmarks/e2e.py and bench_decode_step.py  (about 9 minutes)
 #   kernels: benchmarks/bench_kernels.py (GEMM, attention, norm, 2:4)  (about 5 minutes)
-# Writes OUT_DIR/gpu_tests.log, e2e.log, kernels.log and results.md (the tables, for RESULTS.md).
+# Writes OUT_DIR/gpu_tests.log, e2e.log, decode_step.log, kernels.log and results.md (the tables, for RESULTS.md).
 set -u
 out=${1:-/tmp/llmopt-gpu}
 stage=${2:-all}
@@ -19,6 +19,9 @@ if [ "$stage" = tests ] || [ "$stage" = all ]; then
   timeout 170 python3 benchmarks/e2e.py --layers "$layers" > "$out/e2e.log" 2>&1
   echo "e2e exit $?" >> "$out/e2e.log"
   grep -v Warning "$out/e2e.log" | tail -12
+  timeout 90 python3 benchmarks/bench_decode_step.py --layers "$layers" > "$out/decode_step.log" 2>&1
+  echo "decode step exit $?" >> "$out/decode_step.log"
+  tail -14 "$out/decode_step.log"
 fi
 if [ "$stage" = kernels ] || [ "$stage" = all ]; then
   timeout 500 python3 benchmarks/bench_kernels.py > "$out/kernels.log" 2>&1

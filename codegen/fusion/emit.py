@@ -12,6 +12,8 @@ name of the launcher function in it).
 - launcher `<group name>(x0, x1, ...)`: leading dims from the inputs at run time (dynamic batch and
   tokens), inputs viewed with their last dim contiguous (`.contiguous()` only when it is not), outputs
   allocated contiguous `[*lead, K]` (or `[*lead, 1]`), one launch; returns one tensor or a tuple.
+  On sm_90+ the launch uses programmatic dependent launch (`codegen/kernels/pdl.py`): the kernel lets the
+  next one start, then waits for the previous one before touching memory.
 - module docstring: the fx nodes covered, their ATen ops and the kernel values they became.
 The kernel's name carries a hash of its text, so identical groups share a name and a compiled binary.
 """
@@ -52,8 +54,10 @@ def emit(group: FusionGroup) -> KernelSource:
         "import torch",
         "import triton",
         "import triton.language as tl",
+        "from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait",
         "",
         "from llmopt.codegen.fusion.runtime import col_view, launch_config, row_view",
+        "from llmopt.codegen.kernels.pdl import launch_options",
         "",
         "",
         kernel,
@@ -85,7 +89,11 @@ def _kernel_text(group: FusionGroup, body: KernelBody) -> str:
         header += ["    # strides of the leading dims each input varies along", "    " + " ".join(strides)]
     header += [
         "    ROWS: tl.constexpr, BLOCK: tl.constexpr,",
+        "    PDL: tl.constexpr,  # programmatic dependent launch (llmopt/codegen/kernels/pdl.py)",
         "):",
+        "    if PDL:  # the next kernel may start now; nothing is read or written before the previous one has finished",
+        "        gdc_launch_dependents()",
+        "        gdc_wait()",
         "    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # [ROWS]",
         "    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]",
         "    rmask = rows < M",
@@ -147,7 +155,7 @@ def _launcher_text(group: FusionGroup, body: KernelBody, kernel_name: str) -> st
         f"            {', '.join(args)},",
         f"            {', '.join(outs)},",
         f"            {', '.join(sizes + strides)},",
-        f"            ROWS=rows_per_program, BLOCK={block}, num_warps=warps,",
+        f"            ROWS=rows_per_program, BLOCK={block}, num_warps=warps, **launch_options(x0.device),",
         "        )",
         f"    return {outs[0] if len(outs) == 1 else '(' + ', '.join(outs) + ')'}",
     ]

@@ -27,6 +27,10 @@ shift and `lop3` give four registers p = 0..3 of two values each, the nibbles p 
 (k_width 2) expects a thread in position c to hold its pairs. x is loaded as the same 32 physical values of the
 same thread position and paired the same way (one `prmt` per register), so the B operand matches: both
 `convert_layout(..., assert_trivial=True)` compile to nothing.
+
+Launched with programmatic dependent launch (`pdl.py`; `launch_pdl`), a program lets the next kernel start, then
+waits for the previous kernel before its first load, so the next call's launch hides under this call's tail. On
+the H100 that ran a stream of calls 1.05-1.08x faster at M = 1 (benchmarks/RESULTS.md, session 21).
 """
 import torch
 import triton
@@ -34,6 +38,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
+from llmopt.codegen.kernels import pdl, pdl_gluon
 from llmopt.codegen.kernels.w4a16_first_use import TILE_K, fastest_streaming, first_use_config, matches_reference
 
 BLOCK_K = gl.constexpr(TILE_K)
@@ -147,7 +152,7 @@ def _accumulate(acc, block, ones, a_layout: gl.constexpr, b_layout: gl.constexpr
 @gluon.jit
 def _w4_direct_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, num_kb, stride_xm, stride_qn, stride_sn,
                       stride_ym, GROUP_SIZE: gl.constexpr, KW: gl.constexpr, ROW_TILES: gl.constexpr,
-                      HAS_BIAS: gl.constexpr):
+                      HAS_BIAS: gl.constexpr, PDL: gl.constexpr):
     dtype: gl.constexpr = x_ptr.dtype.element_ty
     magic: gl.constexpr = 128.0 if dtype == gl.bfloat16 else 1024.0
     BN: gl.constexpr = 16 * ROW_TILES
@@ -178,6 +183,9 @@ def _w4_direct_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, num_kb, s
     z_ptrs = z_ptr + s_rows[None, :] * stride_sn
     ptrs = (w_ptrs, x_ptrs, z_ptrs, s_ptrs, wk, xk, sk, num_kb, KW, GROUP_SIZE)
 
+    if PDL:  # the next kernel may start now; nothing is read or written before the previous one has finished
+        pdl_gluon.launch_dependents(sk)
+        pdl_gluon.wait_for_previous(sk)
     ones = gl.full([KW, BN, BLOCK_K], 1.0, dtype, a_layout)  # its product with x: Σx over the block in every row
     acc = gl.zeros([KW, BN, BLOCK_M], gl.float32, acc_layout)  # yᵀ partial sums, one a warp
     # two sets of registers, each reloaded right after its block is used, so a load has a block of work to
@@ -222,18 +230,21 @@ def _matches_reference(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def linear_w4_direct(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bias,
-                     group_size: int, config=None) -> torch.Tensor:
+                     group_size: int, config=None, launch_pdl=None) -> torch.Tensor:
     """x [M, K] (M <= 8, 16-bit, contiguous), qweight [N, K // 2] uint8 (contiguous), scales/zeros [N, K // G],
-    bias [N] or None -> y [M, N]. config: (KW, ROW_TILES), CONFIGS[0] when None."""
+    bias [N] or None -> y [M, N]. config: (KW, ROW_TILES), CONFIGS[0] when None; launch_pdl: programmatic
+    dependent launch (`pdl.py`), `pdl.enabled()` when None."""
     m, k = x.shape
     n = qweight.shape[0]
     scales = scales.contiguous()
     zeros = zeros.to(scales.dtype).contiguous()
     kw, row_tiles = config or CONFIGS[0]
+    launch_pdl = pdl.enabled() if launch_pdl is None else launch_pdl
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)  # y: [M, N]
     _w4_direct_kernel[(triton.cdiv(n, 16 * row_tiles), )](
         x, qweight, scales, zeros, bias if bias is not None else scales, y,
         m, n, k // TILE_K, x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
-        GROUP_SIZE=group_size, KW=kw, ROW_TILES=row_tiles, HAS_BIAS=bias is not None, num_warps=kw,
+        GROUP_SIZE=group_size, KW=kw, ROW_TILES=row_tiles, HAS_BIAS=bias is not None, PDL=launch_pdl,
+        num_warps=kw, launch_pdl=launch_pdl,
     )
     return y

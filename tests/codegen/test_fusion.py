@@ -3,7 +3,8 @@ against the eager ones.
 
 On CPU the kernels run under the Triton interpreter (tests/codegen/conftest.py) on tiny configs in
 fp32 and fp16; the bf16 check of a Llama-shaped layer is a `gpu` test. Outputs start as NaN (the
-`poison` fixture), so an element a kernel forgets to write shows in the logits.
+`poison` fixture), so an element a kernel forgets to write shows in the logits. A generated kernel compiled for
+sm_90 lets the next kernel start and waits for the previous one before any memory access (`pdl.py`).
 """
 import ast
 
@@ -17,6 +18,7 @@ import llmopt
 from llmopt.codegen.fusion import dump_kernels, fuse, fuse_graph_module, partition
 from llmopt.roles import linear_parts, through_layout
 from llmopt.testing import build_model
+from tests.codegen.sm90_compile import compile_job
 
 aten = torch.ops.aten
 MAX_POS = 128
@@ -53,6 +55,31 @@ def tiny(family: str):
 
 
 _PROGRAMS = {}
+
+# Every generated kernel of the tiny Llama, compiled for sm_90 with PDL on (in a child process: this suite runs
+# Triton's interpreter, which does not compile): the first memory instructions in each kernel's PTX.
+_COMPILE_FOR_SM90 = """
+import json
+import re
+import sys
+import torch
+import triton
+from llmopt.codegen.fusion import partition
+from llmopt.codegen.fusion.emit import block_size, emit
+from llmopt.codegen.fusion.loader import load
+from tests.codegen.sm90_compile import compile_triton_for_sm90
+from tests.codegen.test_fusion import program_of
+
+orders = {}
+for group in partition(program_of("llama", torch.float16).graph):
+    module = sys.modules[load(emit(group)).__module__]
+    kernel = next(v for v in vars(module).values() if isinstance(v, triton.runtime.JITFunction))
+    pointers = {name: "*fp16" for name in kernel.arg_names if name.endswith("_ptr")}
+    compiled = compile_triton_for_sm90(kernel, pointers, {"ROWS": 1, "BLOCK": block_size(group), "PDL": True}, ())
+    orders[group.name] = re.findall(r"griddepcontrol[.][a-z_]+|ld[.]global|st[.]global", compiled.asm["ptx"])[:3]
+print(json.dumps(orders))
+"""
+BACKGROUND = {"test_generated_kernels_launch_dependents_then_wait_before_touching_memory": compile_job(_COMPILE_FOR_SM90)}
 
 
 def program_of(family: str, dtype=torch.float32):
@@ -201,6 +228,19 @@ class WidePointwise(torch.nn.Module):
 def _export(module, args):
     rows = {0: Dim("b", min=1, max=64), 1: Dim("t", min=1, max=64)}
     return torch.export.export(module, args, dynamic_shapes=tuple(rows for _ in args)).module()
+
+
+def test_generated_kernels_launch_dependents_then_wait_before_touching_memory():
+    """Programmatic dependent launch (codegen/kernels/pdl.py): in the PTX of each of the tiny Llama's generated
+    kernels, the next kernel is let in first, then the kernel waits for the previous one, then it loads."""
+    import json
+
+    done = BACKGROUND["test_generated_kernels_launch_dependents_then_wait_before_touching_memory"].result()
+    assert done.returncode == 0, done.stderr[-3000:]
+    orders = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(orders) == 12  # test_llama_partition's groups
+    for name, order in orders.items():
+        assert order == ["griddepcontrol.launch_dependents", "griddepcontrol.wait", "ld.global"], name
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # masked-off rows divide 0 by 0

@@ -3,8 +3,8 @@
 On any machine: the inline assembly that turns loaded words into mma operands computes, bit for bit, what the
 kernel's relabelling of k says (run on a lane quad by `ptx_quad.py`); the Gluon source compiles for sm_90 with the
 installed Triton into what the design says (16-byte weight loads, mma.sync, no shared memory inside the loop). On
-the GPU (`gpu`): every config against the reference on odd shapes, fp16 and bf16, outputs poisoned; linear_wq
-takes it exactly where it should; a kernel that fails its check warns and leaves the Triton kernel in charge.
+the GPU (`gpu`): every config against the reference on odd shapes, fp16 and bf16, outputs poisoned; a chain of
+calls under programmatic dependent launch equals the chain without it; linear_wq takes it exactly where it should; a kernel that fails its check warns and leaves the Triton kernel in charge.
 """
 import random
 import warnings
@@ -30,10 +30,11 @@ from tests.codegen.sm90_compile import compile_gluon_for_sm90
 compiled = compile_gluon_for_sm90(
     w4a16_direct._w4_direct_kernel,
     {"x_ptr": "*bf16", "qw_ptr": "*u8", "s_ptr": "*bf16", "z_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16"},
-    {"GROUP_SIZE": 128, "KW": 8, "ROW_TILES": 1, "HAS_BIAS": False},
+    {"GROUP_SIZE": 128, "KW": 8, "ROW_TILES": 1, "HAS_BIAS": False, "PDL": True},
     ("x_ptr", "qw_ptr", "s_ptr", "z_ptr", "stride_xm", "stride_qn"), num_warps=8)
 ptx = compiled.asm["ptx"]
-print(json.dumps({"mma": ptx.count("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"),
+order = re.findall(r"griddepcontrol[.][a-z_]+|ld[.]global|st[.]global", ptx)
+print(json.dumps({"mma": ptx.count("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"), "order": order[:3],
                   "loads": re.findall(r"ld[.]global[.a-z0-9]*", ptx), "cp_async": ptx.count("cp.async"),
                   "barriers": ptx.count("bar.sync"), "shared": compiled.metadata.shared}))
 """
@@ -87,6 +88,8 @@ def test_direct_kernel_compiles_for_hopper_into_register_loads_and_mma():
     assert len(loads) == 4 * 10
     assert result["cp_async"] == 0  # no shared-memory staging of the weights...
     assert result["barriers"] <= 3 and result["shared"] <= 8192  # ...only the warps' final sum meets there
+    # programmatic dependent launch (pdl.py): the next kernel may start, then nothing is loaded before the wait
+    assert result["order"] == ["griddepcontrol.launch_dependents", "griddepcontrol.wait", "ld.global"]
 
 
 def _inputs(m, n, k, g, dtype, with_bias, seed=0):
@@ -123,6 +126,41 @@ def test_direct_kernel_matches_reference_in_every_config(poison, m, n, k, g, dty
         err = ((y.float() - ref).norm() / ref.norm()).item()
         assert err < (4e-3 if dtype == torch.bfloat16 else 1e-3), (config, err)  # the output's rounding
         assert torch.equal(y, linear_w4_direct(x, qweight, scales, zeros, bias, g, config))  # deterministic
+
+
+def assert_chain_under_pdl_matches(kernel, configs, m: int):
+    """Six calls, each taking the last one's output as x (4096 x 4096 weights), eager and replayed from a CUDA graph:
+    with programmatic dependent launch, bit for bit the chain without it. A call reading x before the previous one
+    had written it would differ."""
+    k = 4096
+    layers = [_inputs(1, k, k, 128, torch.bfloat16, False, seed=i)[1:4] for i in range(6)]
+    x0 = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+
+    def chain(config, launch_pdl):
+        h = x0
+        for qweight, scales, zeros in layers:
+            h = kernel(h, qweight, scales, zeros, None, 128, config, launch_pdl=launch_pdl)
+        return h
+
+    for config in configs:
+        expected = chain(config, False)
+        assert torch.equal(chain(config, True), expected), config
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = chain(config, True)
+        for _ in range(3):
+            out.fill_(float("nan"))
+            graph.replay()
+            assert torch.equal(out, expected), config
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("m", [1, 8])
+def test_direct_kernel_chain_under_pdl_matches_the_chain_without(m):
+    from llmopt.codegen.kernels.w4a16_direct import CONFIGS, linear_w4_direct
+
+    assert_chain_under_pdl_matches(linear_w4_direct, CONFIGS, m)
 
 
 def assert_linear_wq_routes(monkeypatch, module, entry: str, cases: list):

@@ -1,0 +1,72 @@
+"""One-token steps of a lowered model on the GPU, replayed from CUDA graphs: W4A16 against bf16, and programmatic
+dependent launch (PDL) on and off, in the same run.
+
+Entry point: `python benchmarks/bench_decode_step.py [--layers 8] [--batch 1,16]`. A Llama-2-7B-shaped model (random
+weights, bf16, `--layers` of its 32 layers) is compiled with backend="triton" twice: bf16 (FuseAttention) and RTN
+w4g128 (weight-only int4, the format AWQ also produces). Each runs a step of B sequences of one token (each B of `--batch`) (no KV
+cache: llmopt's lowered program recomputes its input, so a one-token input is the decode step's linears, norms and
+pointwise kernels, every linear at M = batch), captured in one CUDA graph and timed as its replays (events, warm-up,
+median), as a serving runtime replays decode steps. PDL (`codegen/kernels/pdl.py`) lets each kernel start while
+the one before it finishes; `LLMOPT_PDL=0` turns it off at capture. The lm_head (32000 x 4096, bf16 in both
+models) is part of every step. Prints a table of µs a step, the speed-up over bf16 and PDL's gain.
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import header, measure_ceilings, print_table, time_graph_ms  # noqa: E402
+from benchmarks.e2e import build_llama_7b_shape  # noqa: E402
+
+
+def step_us(lowered, ids: torch.Tensor, pdl: bool) -> float:
+    """µs a step of `lowered` on ids [B, 1], captured with PDL on or off."""
+    os.environ["LLMOPT_PDL"] = "1" if pdl else "0"
+    try:
+        with torch.no_grad():
+            return 1e3 * time_graph_ms([lambda: lowered(ids)])
+    finally:
+        os.environ.pop("LLMOPT_PDL")
+
+
+def run(args) -> list:
+    import llmopt
+    import llmopt.passes as P
+    from llmopt.codegen import lower
+
+    model = build_llama_7b_shape(args.layers)
+    bf16 = lower(llmopt.compile(model, passes=[P.FuseAttention()], backend="triton").program, cuda_graphs=False)
+    w4 = lower(llmopt.compile(model, passes=[P.RTN(bits=4, group_size=128), P.FuseAttention()],
+                              backend="triton").program, cuda_graphs=False)
+    rows = []
+    for batch in args.batch:
+        ids = torch.randint(0, 32000, (batch, 1), device="cuda")  # ids: [B, 1]
+        with torch.no_grad():
+            agreement = torch.nn.functional.cosine_similarity(bf16(ids).float().flatten(), w4(ids).float().flatten(), 0)
+        print(f"batch {batch}: W4A16 vs bf16 logits, cosine similarity {agreement.item():.4f}", flush=True)
+        times = {(name, pdl): step_us(lowered, ids, pdl) for name, lowered in (("bf16", bf16), ("W4A16", w4))
+                 for pdl in (False, True)}
+        for (name, pdl), us in times.items():
+            rows.append({"batch": batch, "model": f"llmopt {name}", "PDL": "on" if pdl else "off", "µs a step": us,
+                         "speed-up vs bf16 without PDL": times["bf16", False] / us,
+                         "PDL gain": times[name, False] / us if pdl else ""})
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--batch", type=lambda text: [int(v) for v in text.split(",")], default=[1, 16],
+                        help="sequences a step, e.g. 1,16")
+    args = parser.parse_args()
+    ceilings = measure_ceilings()
+    print(header(ceilings))
+    rows = run(args)
+    print_table(f"One-token step, Llama-2-7B shape ({args.layers} of 32 layers), CUDA graph replays",
+                ["batch", "model", "PDL", "µs a step", "speed-up vs bf16 without PDL", "PDL gain"], rows)
+
+
+if __name__ == "__main__":
+    main()
