@@ -3,10 +3,10 @@ dependent launch (PDL) on and off, in the same run.
 
 Entry point: `python benchmarks/bench_decode_step.py [--layers 8] [--batch 1,16]`. A Llama-2-7B-shaped model (random
 weights, bf16, `--layers` of its 32 layers) is compiled with backend="triton" twice: bf16 (FuseAttention) and RTN
-w4g128 (weight-only int4, the format AWQ also produces). Each runs a step of B sequences of one token (each B of `--batch`) (no KV
-cache: llmopt's lowered program recomputes its input, so a one-token input is the decode step's linears, norms and
-pointwise kernels, every linear at M = batch), captured in one CUDA graph and timed as its replays (events, warm-up,
-median), as a serving runtime replays decode steps. PDL (`codegen/kernels/pdl.py`) lets each kernel start while
+w4g128 (weight-only int4, the format AWQ also produces). For each B of `--batch`, each runs a step of B sequences
+of one token, with no KV cache: llmopt's lowered program recomputes its input, so a one-token input is the decode
+step's linears, norms and pointwise kernels, every linear at M = B. The step is captured in one CUDA graph and timed
+as its replays (events, warm-up, median), as a serving runtime replays decode steps. PDL (`codegen/kernels/pdl.py`) lets each kernel start while
 the one before it finishes; `LLMOPT_PDL=0` turns it off at capture. The lm_head (32000 x 4096, bf16 in both
 models) is part of every step. Prints a table of µs a step, the speed-up over bf16 and PDL's gain.
 """
@@ -23,12 +23,16 @@ from benchmarks.e2e import build_llama_7b_shape  # noqa: E402
 
 def step_us(lowered, ids: torch.Tensor, pdl: bool) -> float:
     """µs a step of `lowered` on ids [B, 1], captured with PDL on or off."""
+    saved = os.environ.get("LLMOPT_PDL")
     os.environ["LLMOPT_PDL"] = "1" if pdl else "0"
     try:
         with torch.no_grad():
             return 1e3 * time_graph_ms([lambda: lowered(ids)])
     finally:
-        os.environ.pop("LLMOPT_PDL")
+        if saved is None:
+            os.environ.pop("LLMOPT_PDL")
+        else:
+            os.environ["LLMOPT_PDL"] = saved
 
 
 def run(args) -> list:

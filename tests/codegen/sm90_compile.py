@@ -1,9 +1,9 @@
 """Compiling a Gluon kernel for sm_90 on any machine, specialized as Triton's launcher would for contiguous tensors.
 
 Entry points: `compile_gluon_for_sm90(kernel, types, constants, aligned, **options) -> the compiled kernel` (its
-`asm["ptx"]`, `metadata.shared`, ...), `compile_triton_for_sm90(...)`, the same for a `@triton.jit` kernel, and `compile_job(script) -> Job`, the child process a compile test runs
-its script in (this suite runs Triton's interpreter, which does not compile; `tests/background.py` starts the job
-when the tests are collected).
+`asm["ptx"]`, `metadata.shared`, ...), `compile_triton_for_sm90(...)`, the same for a `@triton.jit` kernel, and
+`compile_job(script) -> Job`, the child process a compile test runs its script in (this suite runs Triton's
+interpreter, which does not compile; `tests/background.py` starts the job when the tests are collected).
 """
 import sys
 from pathlib import Path
