@@ -4,7 +4,8 @@ On any machine: the inline assembly that turns loaded words into mma operands co
 kernel's relabelling of k says (run on a lane quad by `ptx_quad.py`); the Gluon source compiles for sm_90 with the
 installed Triton into what the design says (16-byte weight loads, mma.sync, no shared memory inside the loop). On
 the GPU (`gpu`): every config against the reference on odd shapes, fp16 and bf16, outputs poisoned; a chain of
-calls under programmatic dependent launch equals the chain without it; linear_wq takes it exactly where it should; a kernel that fails its check warns and leaves the Triton kernel in charge.
+calls under programmatic dependent launch equals the chain without it; linear_wq takes it exactly where it should;
+a kernel that fails its check warns and leaves the Triton kernel in charge.
 """
 import random
 import warnings
@@ -128,10 +129,15 @@ def test_direct_kernel_matches_reference_in_every_config(poison, m, n, k, g, dty
         assert torch.equal(y, linear_w4_direct(x, qweight, scales, zeros, bias, g, config))  # deterministic
 
 
-def assert_chain_under_pdl_matches(kernel, configs, m: int):
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("m", [1, 8])
+def test_direct_kernel_chain_under_pdl_matches_the_chain_without(m):
     """Six calls, each taking the last one's output as x (4096 x 4096 weights), eager and replayed from a CUDA graph:
     with programmatic dependent launch, bit for bit the chain without it. A call reading x before the previous one
     had written it would differ."""
+    from llmopt.codegen.kernels.w4a16_direct import CONFIGS, linear_w4_direct
+
     k = 4096
     layers = [_inputs(1, k, k, 128, torch.bfloat16, False, seed=i)[1:4] for i in range(6)]
     x0 = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -139,10 +145,10 @@ def assert_chain_under_pdl_matches(kernel, configs, m: int):
     def chain(config, launch_pdl):
         h = x0
         for qweight, scales, zeros in layers:
-            h = kernel(h, qweight, scales, zeros, None, 128, config, launch_pdl=launch_pdl)
+            h = linear_w4_direct(h, qweight, scales, zeros, None, 128, config, launch_pdl=launch_pdl)
         return h
 
-    for config in configs:
+    for config in CONFIGS:
         expected = chain(config, False)
         assert torch.equal(chain(config, True), expected), config
         graph = torch.cuda.CUDAGraph()
@@ -152,15 +158,6 @@ def assert_chain_under_pdl_matches(kernel, configs, m: int):
             out.fill_(float("nan"))
             graph.replay()
             assert torch.equal(out, expected), config
-
-
-@pytest.mark.gpu
-@needs_hopper
-@pytest.mark.parametrize("m", [1, 8])
-def test_direct_kernel_chain_under_pdl_matches_the_chain_without(m):
-    from llmopt.codegen.kernels.w4a16_direct import CONFIGS, linear_w4_direct
-
-    assert_chain_under_pdl_matches(linear_w4_direct, CONFIGS, m)
 
 
 def assert_linear_wq_routes(monkeypatch, module, entry: str, cases: list):
