@@ -46,7 +46,8 @@ _TOKENS = {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": None}  # no pad
 
 @st.composite
 def _shape(draw, gqa: bool, free_head_dim: bool) -> dict:
-    """Sizes shared by every family: heads, KV heads, head dim (multiple of 8), hidden, layers, vocab."""
+    """Sizes shared by every family: heads, KV heads, head dim (multiple of 8), hidden, layers, vocab; with
+    `free_head_dim` the hidden size is drawn apart from heads x head dim (the config then names its head_dim)."""
     heads = draw(st.sampled_from([1, 2, 4]))
     kv_heads = draw(st.sampled_from([d for d in (1, 2, 4) if heads % d == 0])) if gqa else heads
     head_dim = draw(st.sampled_from([8, 16]))
@@ -60,16 +61,17 @@ def _shape(draw, gqa: bool, free_head_dim: bool) -> dict:
         "layers": draw(st.integers(1, 2)),
         "vocab": draw(st.integers(32, 300)),
         "tie": draw(st.booleans()),
+        "free_head_dim": free_head_dim,
     }
 
 
-def _decoder_sizes(s: dict, head_dim: bool) -> dict:
-    """The Llama-style config arguments for a `_shape` draw; `head_dim` where the family takes one (others derive
-    it as hidden // heads)."""
+def _decoder_sizes(s: dict) -> dict:
+    """The Llama-style config arguments for a `_shape` draw; `head_dim` where it was drawn free of hidden (families
+    drawn without derive it as hidden // heads)."""
     sizes = dict(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["intermediate"],
                  num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
                  tie_word_embeddings=s["tie"], max_position_embeddings=MAX_POSITIONS)
-    if head_dim:
+    if s["free_head_dim"]:
         sizes["head_dim"] = s["head_dim"]
     return sizes
 
@@ -92,7 +94,7 @@ def _rope(draw, scaled: bool) -> dict:
 def _llama(draw) -> LlamaConfig:
     s = draw(_shape(gqa=True, free_head_dim=True))
     return LlamaConfig(
-        **_decoder_sizes(s, head_dim=True),
+        **_decoder_sizes(s),
         rope_parameters=draw(_rope(scaled=True)), attention_bias=draw(st.booleans()),
         mlp_bias=draw(st.booleans()), **_NO_DROPOUT, **_TOKENS,
     )
@@ -102,7 +104,7 @@ def _llama(draw) -> LlamaConfig:
 def _mistral(draw) -> MistralConfig:
     s = draw(_shape(gqa=True, free_head_dim=True))
     return MistralConfig(
-        **_decoder_sizes(s, head_dim=True),
+        **_decoder_sizes(s),
         rope_parameters=draw(_rope(scaled=False)), sliding_window=None, **_NO_DROPOUT, **_TOKENS,
     )
 
@@ -111,7 +113,7 @@ def _mistral(draw) -> MistralConfig:
 def _qwen2(draw) -> Qwen2Config:
     s = draw(_shape(gqa=True, free_head_dim=False))  # Qwen2 derives head_dim = hidden // heads
     return Qwen2Config(
-        **_decoder_sizes(s, head_dim=False),
+        **_decoder_sizes(s),
         rope_parameters=draw(_rope(scaled=True)), use_sliding_window=False, **_NO_DROPOUT, **_TOKENS,
     )
 
@@ -120,7 +122,7 @@ def _qwen2(draw) -> Qwen2Config:
 def _gemma(draw) -> GemmaConfig:
     s = draw(_shape(gqa=True, free_head_dim=True))
     return GemmaConfig(
-        **_decoder_sizes(s, head_dim=True),
+        **_decoder_sizes(s),
         rope_parameters=draw(_rope(scaled=False)), attention_bias=draw(st.booleans()),
         **_NO_DROPOUT, **_TOKENS,
     )
@@ -132,7 +134,7 @@ def _phi3(draw) -> Phi3Config:
     rope = draw(_rope(scaled=False))
     rope["partial_rotary_factor"] = draw(st.sampled_from([1.0, 0.75, 0.5]))  # 0.75: Phi-4-mini
     return Phi3Config(
-        **_decoder_sizes(s, head_dim=False),
+        **_decoder_sizes(s),
         original_max_position_embeddings=MAX_POSITIONS, rope_parameters=rope,
         resid_pdrop=0.0, embd_pdrop=0.0, **_NO_DROPOUT, **_TOKENS,
     )
