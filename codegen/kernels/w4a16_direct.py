@@ -28,9 +28,12 @@ shift and `lop3` give four registers p = 0..3 of two values each, the nibbles p 
 same thread position and paired the same way (one `prmt` per register), so the B operand matches: both
 `convert_layout(..., assert_trivial=True)` compile to nothing.
 
-Launched with programmatic dependent launch (`pdl.py`; `launch_pdl`), a program lets the next kernel start, then
-waits for the previous kernel before its first load, so the next call's launch hides under this call's tail. On
-the H100 that ran a stream of calls 1.05-1.08x faster at M = 1 (benchmarks/RESULTS.md, session 21).
+Launched with programmatic dependent launch (`pdl.py`; `launch_pdl`), a program lets the next kernel start, asks
+for its first two blocks of weights, zero points and scales (constants: no kernel writes them), then waits for the
+previous kernel before it loads x, so the next call's launch and first weight bytes hide under this call's tail.
+On the H100 a stream of M = 1 calls ran 1.09-1.17x faster than without PDL (1.04-1.09x faster than waiting before
+the weights too); asking L2 for all of a program's rows before the wait (`cp.async.bulk.prefetch`) was slower
+(benchmarks/RESULTS.md, session 22).
 """
 import torch
 import triton
@@ -119,20 +122,31 @@ def _x_operand(xw, dtype: gl.constexpr):
 
 
 @gluon.jit
-def _load_block(it, w_ptrs, x_ptrs, z_ptrs, s_ptrs, wk, xk, sk, num_kb, KW: gl.constexpr,
-                GROUP_SIZE: gl.constexpr):
-    """Iteration it's operands, warp wk taking block it * KW + wk (past the last block: block num_kb - 1 again,
-    with scale 0, so it adds nothing): weight words [KW, BN, 16] and x words [KW, BLOCK_M, 64] int32, zero points
-    and scales [KW, BN]."""
+def _load_weights(it, w_ptrs, z_ptrs, s_ptrs, wk, sk, num_kb, KW: gl.constexpr, GROUP_SIZE: gl.constexpr):
+    """Iteration it's weight operands, warp wk taking block it * KW + wk (past the last block: block num_kb - 1
+    again, with scale 0, so it adds nothing): weight words [KW, BN, 16] int32, zero points and scales [KW, BN]."""
     kb_w = gl.minimum(it * KW + wk, num_kb - 1)
-    kb_x = it * KW + xk
     kb_s = it * KW + sk
     words = gl.load(w_ptrs + (kb_w * (BLOCK_K // 8))[:, None, None])
-    xw = gl.load(x_ptrs + (gl.minimum(kb_x, num_kb - 1) * (BLOCK_K // 2))[:, None, None])
     g = (gl.minimum(kb_s, num_kb - 1) * BLOCK_K // GROUP_SIZE)[:, None]
     z = gl.load(z_ptrs + g)
     s = gl.load(s_ptrs + g, mask=(kb_s < num_kb)[:, None], other=0.0)
-    return words, xw, z, s
+    return words, z, s
+
+
+@gluon.jit
+def _load_x(it, x_ptrs, xk, num_kb, KW: gl.constexpr):
+    """Iteration it's x words [KW, BLOCK_M, 64] int32 (block it * KW + xk, clamped to the last)."""
+    return gl.load(x_ptrs + (gl.minimum(it * KW + xk, num_kb - 1) * (BLOCK_K // 2))[:, None, None])
+
+
+@gluon.jit
+def _load_block(it, w_ptrs, x_ptrs, z_ptrs, s_ptrs, wk, xk, sk, num_kb, KW: gl.constexpr,
+                GROUP_SIZE: gl.constexpr):
+    """Iteration it's operands: weight words [KW, BN, 16] and x words [KW, BLOCK_M, 64] int32, zero points and
+    scales [KW, BN]."""
+    words, z, s = _load_weights(it, w_ptrs, z_ptrs, s_ptrs, wk, sk, num_kb, KW, GROUP_SIZE)
+    return words, _load_x(it, x_ptrs, xk, num_kb, KW), z, s
 
 
 @gluon.jit
@@ -183,16 +197,21 @@ def _w4_direct_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, num_kb, s
     z_ptrs = z_ptr + s_rows[None, :] * stride_sn
     ptrs = (w_ptrs, x_ptrs, z_ptrs, s_ptrs, wk, xk, sk, num_kb, KW, GROUP_SIZE)
 
-    if PDL:  # the next kernel may start now; nothing is read or written before the previous one has finished
+    if PDL:  # the next kernel may start now
         pdl_gluon.launch_dependents(sk)
-        pdl_gluon.wait_for_previous(sk)
     ones = gl.full([KW, BN, BLOCK_K], 1.0, dtype, a_layout)  # its product with x: Σx over the block in every row
     acc = gl.zeros([KW, BN, BLOCK_M], gl.float32, acc_layout)  # yᵀ partial sums, one a warp
     # two sets of registers, each reloaded right after its block is used, so a load has a block of work to
     # arrive in; the loop is unrolled twice (no copies between the sets); blocks past the end add 0
     n_it = gl.cdiv(gl.cdiv(num_kb, KW), 2) * 2
-    buf0 = _load_block(0, *ptrs)
-    buf1 = _load_block(1, *ptrs)
+    # the first two blocks' weights, zero points and scales: constants no kernel writes (pdl.py), so they are
+    # asked for before the wait and arrive while the previous kernel finishes; x, its output, only after it
+    w0, z0, s0 = _load_weights(0, w_ptrs, z_ptrs, s_ptrs, wk, sk, num_kb, KW, GROUP_SIZE)
+    w1, z1, s1 = _load_weights(1, w_ptrs, z_ptrs, s_ptrs, wk, sk, num_kb, KW, GROUP_SIZE)
+    if PDL:
+        pdl_gluon.wait_for_previous(sk)
+    buf0 = (w0, _load_x(0, x_ptrs, xk, num_kb, KW), z0, s0)
+    buf1 = (w1, _load_x(1, x_ptrs, xk, num_kb, KW), z1, s1)
     for it in range(0, n_it, 2):
         acc = _accumulate(acc, buf0, ones, a_layout, b_layout, magic)
         buf0 = _load_block(it + 2, *ptrs)

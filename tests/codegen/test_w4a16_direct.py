@@ -34,8 +34,8 @@ compiled = compile_gluon_for_sm90(
     {"GROUP_SIZE": 128, "KW": 8, "ROW_TILES": 1, "HAS_BIAS": False, "PDL": True},
     ("x_ptr", "qw_ptr", "s_ptr", "z_ptr", "stride_xm", "stride_qn"), num_warps=8)
 ptx = compiled.asm["ptx"]
-order = re.findall(r"griddepcontrol[.][a-z_]+|ld[.]global|st[.]global", ptx)
-print(json.dumps({"mma": ptx.count("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"), "order": order[:3],
+order = re.findall(r"griddepcontrol[.][a-z_]+|ld[.]global[.a-z0-9]*|st[.]global", ptx)
+print(json.dumps({"mma": ptx.count("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"), "order": order[:15],
                   "loads": re.findall(r"ld[.]global[.a-z0-9]*", ptx), "cp_async": ptx.count("cp.async"),
                   "barriers": ptx.count("bar.sync"), "shared": compiled.metadata.shared}))
 """
@@ -89,8 +89,13 @@ def test_direct_kernel_compiles_for_hopper_into_register_loads_and_mma():
     assert len(loads) == 4 * 10
     assert result["cp_async"] == 0  # no shared-memory staging of the weights...
     assert result["barriers"] <= 3 and result["shared"] <= 8192  # ...only the warps' final sum meets there
-    # programmatic dependent launch (pdl.py): the next kernel may start, then nothing is loaded before the wait
-    assert result["order"] == ["griddepcontrol.launch_dependents", "griddepcontrol.wait", "ld.global"]
+    # programmatic dependent launch (pdl.py): the next kernel may start; the first two blocks' weights (two 16-byte
+    # loads each) and zero points and scales (four 2-byte loads each) are asked for before the wait, x after it
+    order = result["order"]
+    assert order[0] == "griddepcontrol.launch_dependents" and order.count("griddepcontrol.wait") == 1, order
+    early = order[1:order.index("griddepcontrol.wait")]
+    assert sorted(early) == sorted(2 * (["ld.global.v4.b32"] * 2 + ["ld.global.b16"] * 4)), early
+    assert order[order.index("griddepcontrol.wait") + 1] == "ld.global.v4.b32"  # x, only after the wait
 
 
 def _inputs(m, n, k, g, dtype, with_bias, seed=0):
