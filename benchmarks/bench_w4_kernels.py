@@ -9,7 +9,8 @@ weight copies, at least 4x the L2 cache, one graph of C calls, divided by C): ev
 "chosen" is the one its `choose` tuned) beside what `linear_wq` runs with llmopt's Gluon kernels turned off (the
 autotuned Triton kernel up to M = 64, dequantize + cuBLAS above) and `x @ Wᵀ` in bf16, all in this run; and, for
 the direct kernel, the chosen config launched without programmatic dependent launch ("no PDL",
-`codegen/kernels/pdl.py`: in a stream of calls each may start while the one before it finishes). Prints tables.
+`codegen/kernels/pdl.py`: in a stream of calls each may start while the one before it finishes), and the time only
+to read the int4 bytes (`read_floor.py`) without PDL, with it, and with every load before the wait. Prints tables.
 """
 import itertools
 
@@ -17,6 +18,7 @@ import torch
 
 from benchmarks.bench_gemm import GROUP, LLAMA_7B, _stream_copies, w4_weights
 from benchmarks.common import print_table, rel_err, time_graph_ms
+from benchmarks.read_floor import read_floor_ms
 from llmopt.codegen.kernels import w4a16_direct, w4a16_gemm, w4a16_wgmma
 from llmopt.ops.linear_wq import dequantize_groups
 
@@ -76,9 +78,11 @@ def bench(name: str, ms=None) -> list:
         times = {cfg: time_graph_ms([lambda q=q: linear(x, *q, None, GROUP, cfg) for q in qws])
                  for cfg in module.CONFIGS}
         without_pdl = {}
-        if name == "direct":  # the one launched with PDL (pdl.py says why)
+        if name == "direct":  # the one launched with PDL (pdl.py says why), and the read floors with and without it
             t_no_pdl = time_graph_ms([lambda q=q: linear(x, *q, None, GROUP, chosen, launch_pdl=False) for q in qws])
-            without_pdl = {"no PDL us": 1e3 * t_no_pdl, "PDL gain": t_no_pdl / times[chosen]}
+            floors = {f"read floor {pdl} us": 1e3 * read_floor_ms(n * k // 2, copies, pdl)
+                      for pdl in ("off", "wait", "early")}
+            without_pdl = {"no PDL us": 1e3 * t_no_pdl, "PDL gain": t_no_pdl / times[chosen], **floors}
         err = rel_err(linear(x, qweight, scales, zeros, None, GROUP, chosen), x @ w.t())
         del qws
         ws = [w.clone() for _ in range(copies)]
