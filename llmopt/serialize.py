@@ -249,7 +249,7 @@ def _read_weights(directory: Path, spec: dict, device: torch.device) -> dict:
         tensors = load_file(str(path), device=str(device))
     except SafetensorError as err:
         raise LlmoptError(f"{path} is not a readable safetensors file ({err}); save the model again with llmopt.save") from err
-    if torch.device(device).type == "cpu":
+    if device.type == "cpu":
         # safetensors maps the file, so a CPU tensor starts wherever its bytes lie in it (0.8 packs them unaligned),
         # and torch's CPU kernels choose their path, and so their rounding, by alignment: copied into memory torch
         # allocates, a loaded model computes bit for bit what the saved one did
