@@ -6,9 +6,10 @@ weights, bf16, `--layers` of its 32 layers) is compiled with backend="triton" tw
 w4g128 (weight-only int4, the format AWQ also produces). For each B of `--batch`, each runs a step of B sequences
 of one token, with no KV cache: llmopt's lowered program recomputes its input, so a one-token input is the decode
 step's linears, norms and pointwise kernels, every linear at M = B. The step is captured in one CUDA graph and timed
-as its replays (events, warm-up, median), as a serving runtime replays decode steps. PDL (`codegen/kernels/pdl.py`) lets each kernel start while
-the one before it finishes; `LLMOPT_PDL=0` turns it off at capture. The lm_head (32000 x 4096, bf16 in both
-models) is part of every step. Prints a table of µs a step, the speed-up over bf16 and PDL's gain.
+as its replays (events, warm-up, median), as a serving runtime replays decode steps. PDL (`codegen/kernels/pdl.py`)
+lets each kernel start while the one before it finishes; `LLMOPT_PDL=0` turns it off at capture. The lm_head
+(32000 x 4096, bf16 in both models) is part of every step.
+Prints a table of µs a step, the speed-up over bf16 and PDL's gain.
 """
 import argparse
 import os

@@ -77,12 +77,12 @@ def bench(name: str, ms=None) -> list:
         t_base = time_graph_ms([lambda q=q: _without_gluon(x, *q) for q in qws])
         times = {cfg: time_graph_ms([lambda q=q: linear(x, *q, None, GROUP, cfg) for q in qws])
                  for cfg in module.CONFIGS}
-        without_pdl = {}
+        direct_columns = {}
         if name == "direct":  # the one launched with PDL (pdl.py says why), and the read floors with and without it
             t_no_pdl = time_graph_ms([lambda q=q: linear(x, *q, None, GROUP, chosen, launch_pdl=False) for q in qws])
             floors = {f"read floor {pdl} us": 1e3 * read_floor_ms(n * k // 2, copies, pdl)
                       for pdl in ("off", "wait", "early")}
-            without_pdl = {"no PDL us": 1e3 * t_no_pdl, "PDL gain": t_no_pdl / times[chosen], **floors}
+            direct_columns = {"no PDL us": 1e3 * t_no_pdl, "PDL gain": t_no_pdl / times[chosen], **floors}
         err = rel_err(linear(x, qweight, scales, zeros, None, GROUP, chosen), x @ w.t())
         del qws
         ws = [w.clone() for _ in range(copies)]
@@ -92,7 +92,7 @@ def bench(name: str, ms=None) -> list:
         rows.append({"M": m, "N x K": f"{n} x {k}", "bf16 us": 1e3 * t_bf16, "without us": 1e3 * t_base,
                      f"{name} us": 1e3 * t, "chosen config": chosen, "best config": min(times, key=times.get),
                      f"{name} / bf16": t_bf16 / t, "without / bf16": t_bf16 / t_base, f"{name} / without": t_base / t,
-                     **without_pdl,
+                     **direct_columns,
                      f"{name} GB/s": weight_bytes / t / 1e6, "TFLOP/s": 2 * m * n * k / t / 1e9, "rel err": err,
                      "all configs us": " ".join(f"{c}: {1e3 * v:.2f}" for c, v in times.items())})
     return rows

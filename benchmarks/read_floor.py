@@ -53,7 +53,6 @@ def read_floor_ms(n_bytes: int, copies: int, pdl: str = "off") -> float:
     """ms per read of n_bytes, the fastest of the launch shapes; pdl: "off", "wait" or "early" (module docstring)."""
     if pdl not in ("off", "wait", "early"):
         raise ValueError(f"pdl={pdl!r}: choose 'off', 'wait' or 'early'")
-    options = {} if pdl == "off" else {"launch_pdl": True}
     n_words = n_bytes // 4
     srcs = [torch.randint(0, 1 << 30, (n_words,), dtype=torch.int32, device="cuda") for _ in range(copies)]
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -64,6 +63,7 @@ def read_floor_ms(n_bytes: int, copies: int, pdl: str = "off") -> float:
         grid = (triton.cdiv(n_words, per_program),)
         times.append(time_graph_ms([
             lambda s=s: _read_kernel[grid](s, out, n_words, per_program, BLOCK=block, PDL=pdl != "off",
-                                           READ_EARLY=pdl == "early", num_warps=warps, **options) for s in srcs
+                                           READ_EARLY=pdl == "early", num_warps=warps, launch_pdl=pdl != "off")
+            for s in srcs
         ]))
     return min(times)
