@@ -16,8 +16,10 @@ apiece), and those registers are, nibble for nibble, the A operand of `mma.m16n8
 (one shift and one `lop3` into the mantissa of 128.0 per two weights; 1024.0 for fp16). A program is 16 weight
 rows and KW warps that split K between them (block it * KW + wk for warp wk); each warp holds two blocks of
 registers, reloading one as soon as it is used (the loop is unrolled twice, so nothing is copied between them),
-and the warps' partial sums meet once, at the end. Measured on the H100 beside the shipped Triton kernel:
-1.06-1.16x it at M = 1 and 4, slower at M = 16 (benchmarks/RESULTS.md), hence M <= 8.
+and the warps' partial sums meet once, at the end. Up to eight blocks a warp was no faster, even with every weight
+byte asked for before the PDL wait below, and its registers cost programs an SM (session 23). Measured on the H100
+beside the shipped Triton kernel: 1.06-1.16x it at M = 1 and 4, slower at M = 16 (also with two x tiles of 8 rows,
+session 23; benchmarks/RESULTS.md), hence M <= 8.
 
 How 16 contiguous bytes become an mma operand without moving data: a dot's sum does not depend on the order of
 k, so the kernel sums in a "logical" order of its own, the same for the weights and for x. A thread in lane-quad
