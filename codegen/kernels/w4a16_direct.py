@@ -16,10 +16,13 @@ apiece), and those registers are, nibble for nibble, the A operand of `mma.m16n8
 (one shift and one `lop3` into the mantissa of 128.0 per two weights; 1024.0 for fp16). A program is 16 weight
 rows and KW warps that split K between them (block it * KW + wk for warp wk); each warp holds two blocks of
 registers, reloading one as soon as it is used (the loop is unrolled twice, so nothing is copied between them),
-and the warps' partial sums meet once, at the end. Up to eight blocks a warp was no faster, even with every weight
-byte asked for before the PDL wait below, and its registers cost programs an SM (session 23). Measured on the H100
-beside the shipped Triton kernel: 1.06-1.16x it at M = 1 and 4, slower at M = 16 (also with two x tiles of 8 rows,
-session 23; benchmarks/RESULTS.md), hence M <= 8.
+and the warps' partial sums meet once, at the end, through shared memory into a layout that puts an output's KW
+partials in one thread's registers (`gl.sum` straight over the mma layout's warp axis cost 2.2 of 6.9 µs at 4096 x
+4096, M = 1, session 26). Up to eight blocks a warp was no faster, even with every weight byte asked for before the
+PDL wait below, and its registers cost programs an SM (session 23); nor was a ring of up to eight blocks a warp
+in shared memory, filled by `cp.async` (1.1-1.3x slower, session 26). Measured on the H100 beside the shipped Triton
+kernel: 1.29-1.59x it at M = 1 (session 26), slower at M = 16 (also with two x tiles of 8 rows, session 23;
+benchmarks/RESULTS.md), hence M <= 8.
 
 How 16 contiguous bytes become an mma operand without moving data: a dot's sum does not depend on the order of
 k, so the kernel sums in a "logical" order of its own, the same for the weights and for x. A thread in lane-quad
@@ -233,7 +236,7 @@ def _w4_direct_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, num_kb, s
     gl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], y.to(dtype), mask=mask)
 
 
-CONFIGS = [(8, 1), (4, 2), (4, 1), (2, 1), (16, 1), (8, 2)]  # (KW, ROW_TILES): the best of a sweep on the H100 for some shape each
+CONFIGS = [(8, 1), (4, 2), (4, 1), (2, 1), (16, 1), (8, 2)]  # (KW, ROW_TILES): each the best on the H100 somewhere
 _checked = {}  # (device index, dtype) -> whether the kernel matched the reference on a small odd case
 _tuned = {}  # (device index, dtype, M bucket, N, K, G) -> the fastest of CONFIGS
 
