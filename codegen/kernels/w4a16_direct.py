@@ -20,8 +20,8 @@ and the warps' partial sums meet once, at the end, through shared memory into a 
 partials in one thread's registers (`gl.sum` straight over the mma layout's warp axis cost 2.2 of 6.9 µs at 4096 x
 4096, M = 1, session 26). Up to eight blocks a warp was no faster, even with every weight byte asked for before the
 PDL wait below, and its registers cost programs an SM (session 23); nor was a ring of up to eight blocks a warp
-in shared memory, filled by `cp.async` (1.1-1.3x slower, session 26). Measured on the H100 beside the shipped Triton
-kernel: 1.29-1.59x it at M = 1 (session 26), slower at M = 16 (also with two x tiles of 8 rows, session 23;
+in shared memory, filled by `cp.async` (1.05-1.22x slower, session 26). Measured on the H100 beside the shipped Triton
+kernel: 1.28-1.59x it at M = 1 (session 26), slower at M = 16 (also with two x tiles of 8 rows, session 23;
 benchmarks/RESULTS.md), hence M <= 8.
 
 How 16 contiguous bytes become an mma operand without moving data: a dot's sum does not depend on the order of
