@@ -31,7 +31,7 @@ from tests.codegen.sm90_compile import compile_gluon_for_sm90
 compiled = compile_gluon_for_sm90(
     w4a16_direct._w4_direct_kernel,
     {"x_ptr": "*bf16", "qw_ptr": "*u8", "s_ptr": "*bf16", "z_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16"},
-    {"GROUP_SIZE": 128, "KW": 8, "ROW_TILES": 1, "HAS_BIAS": False, "PDL": True},
+    {"GROUP_SIZE": 128, "KW": 8, "ROW_TILES": 1, "HAS_BIAS": False, "PDL": True, "DEPTH": 2},
     ("x_ptr", "qw_ptr", "s_ptr", "z_ptr", "stride_xm", "stride_qn"), num_warps=8)
 ptx = compiled.asm["ptx"]
 order = re.findall(r"griddepcontrol[.][a-z_]+|ld[.]global[.a-z0-9]*|st[.]global", ptx)
@@ -81,7 +81,8 @@ def test_direct_kernel_compiles_for_hopper_into_register_loads_and_mma():
     done = BACKGROUND["test_direct_kernel_compiles_for_hopper_into_register_loads_and_mma"].result()
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["mma"] == 32  # the loop's two blocks: 8 k-steps each, for Σ (MAGIC + q) x and for Σ x
+    # the loop's two blocks and the odd last block after it: 8 k-steps each, for Σ (MAGIC + q) x and for Σ x
+    assert result["mma"] == 3 * 16
     # a block's operands: 16-byte loads, two of weights (rows g and g + 8) and four of x, and one 2-byte load each of
     # the zero point and the scale of each row; four block loads (two before the loop, two in it)
     loads = result["loads"]
