@@ -255,10 +255,10 @@ def _w4_direct_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, num_kb, s
     gl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], y.to(dtype), mask=mask)
 
 
-# (KW, ROW_TILES, DEPTH, registers a thread at most or None): depth 3 held to what keeps two (8, 1) and three (4, 2)
-# programs an SM (ptxas spills 8 and 40 bytes)
+# (KW, ROW_TILES, DEPTH, registers a thread at most or None), each the best on the H100 somewhere; depth 3 held to
+# 128 registers, which keeps two programs an SM (ptxas spills 8 bytes; uncapped, 134, it was slower everywhere)
 CONFIGS = [(8, 1, 2, None), (4, 2, 2, None), (4, 1, 2, None), (2, 1, 2, None), (16, 1, 2, None), (8, 2, 2, None),
-           (8, 1, 3, None), (8, 1, 3, 128), (4, 2, 3, 168)]
+           (8, 1, 3, 128)]
 _checked = {}  # (device index, dtype) -> whether the kernel matched the reference on a small odd case
 _tuned = {}  # (device index, dtype, M bucket, N, K, G) -> the fastest of CONFIGS
 
