@@ -14,15 +14,16 @@ is how many are in flight and how little stands between a load and its use. Here
 conversion do: each thread loads 16 contiguous bytes of two weight rows per 128-k block (one 16-byte load
 apiece), and those registers are, nibble for nibble, the A operand of `mma.m16n8k16` once turned into floats
 (one shift and one `lop3` into the mantissa of 128.0 per two weights; 1024.0 for fp16). A program is 16 weight
-rows and KW warps that split K between them (block it * KW + wk for warp wk); each warp holds two blocks of
-registers, reloading one as soon as it is used (the loop is unrolled twice, so nothing is copied between them),
+rows and KW warps that split K between them (block it * KW + wk for warp wk); each warp holds DEPTH (two or three)
+blocks of registers, reloading one as soon as it is used (the loop is unrolled DEPTH times, so nothing is copied
+between them, and the blocks left over follow it: a padded iteration cost 4.5% at 4096 x 11008, session 26),
 and the warps' partial sums meet once, at the end, through shared memory into a layout that puts an output's KW
 partials in one thread's registers (`gl.sum` straight over the mma layout's warp axis cost 2.2 of 6.9 µs at 4096 x
 4096, M = 1, session 26). Up to eight blocks a warp was no faster, even with every weight byte asked for before the
-PDL wait below, and its registers cost programs an SM (session 23); nor was a ring of up to eight blocks a warp
-in shared memory, filled by `cp.async` (1.05-1.22x slower, session 26). Measured on the H100 beside the shipped Triton
-kernel: 1.28-1.59x it at M = 1 (session 26), slower at M = 16 (also with two x tiles of 8 rows, session 23;
-benchmarks/RESULTS.md), hence M <= 8.
+PDL wait below, and its registers cost programs an SM (session 23); three, held to 128 registers, won by 1.5% at
+4096 x 11008 only (session 26); nor was a ring of up to eight blocks a warp in shared memory, filled by `cp.async`
+(1.05-1.22x slower, session 26). Measured on the H100 beside the shipped Triton kernel: 1.28-1.59x it at M = 1
+(session 26), slower at M = 16 (also with two x tiles of 8 rows, session 23; benchmarks/RESULTS.md), hence M <= 8.
 
 How 16 contiguous bytes become an mma operand without moving data: a dot's sum does not depend on the order of
 k, so the kernel sums in a "logical" order of its own, the same for the weights and for x. A thread in lane-quad
