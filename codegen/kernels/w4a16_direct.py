@@ -16,7 +16,7 @@ apiece), and those registers are, nibble for nibble, the A operand of `mma.m16n8
 (one shift and one `lop3` into the mantissa of 128.0 per two weights; 1024.0 for fp16). A program is 16 weight
 rows and KW warps that split K between them (block it * KW + wk for warp wk); each warp holds DEPTH (two or three)
 blocks of registers, reloading one as soon as it is used (the loop is unrolled DEPTH times, so nothing is copied
-between them, and the blocks left over follow it: a padded iteration cost 4.5% at 4096 x 11008, session 26),
+between them, and the blocks left over follow it: a padded iteration cost 4-8% at 4096 x 11008, session 26),
 and the warps' partial sums meet once, at the end, through shared memory into a layout that puts an output's KW
 partials in one thread's registers (`gl.sum` straight over the mma layout's warp axis cost 2.2 of 6.9 µs at 4096 x
 4096, M = 1, session 26). Up to eight blocks a warp was no faster, even with every weight byte asked for before the
