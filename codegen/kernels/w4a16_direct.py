@@ -245,7 +245,7 @@ def _w4_direct_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, num_kb, s
 
     # the warps' partial sums meet: through shared memory into a layout where each thread holds one output's KW
     # partials, then added in registers (gl.sum over the mma layout's warp axis cost 2.2 µs a call, session 26)
-    sum_layout: gl.constexpr = gl.BlockedLayout([KW, 1, 1], [1, 4, 8], [1, KW, 1], [2, 1, 0])
+    sum_layout: gl.constexpr = gl.BlockedLayout([KW, 1, 1], [1, 32 // BLOCK_M, BLOCK_M], [1, KW, 1], [2, 1, 0])
     y = gl.sum(gl.convert_layout(acc, sum_layout), axis=0)  # [BN, BLOCK_M]
     y_layout: gl.constexpr = gl.SliceLayout(0, sum_layout)
     offs_n = row0 + gl.arange(0, BN, layout=gl.SliceLayout(1, y_layout))
