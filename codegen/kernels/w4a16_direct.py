@@ -13,19 +13,21 @@ Why a second kernel beside `w4a16_gemm.py`'s: a decode GEMV has only to stream t
 is how many are in flight and how little stands between a load and its use. Here no shared memory and no layout
 conversion do: each thread loads 16 contiguous bytes of two weight rows per 128-k block (one 16-byte load
 apiece), and those registers are, nibble for nibble, the A operand of `mma.m16n8k16` once turned into floats
-(one shift and one `lop3` into the mantissa of 128.0 per two weights; 1024.0 for fp16). A program is 16 weight
-rows and KW warps that split K between them (block it * KW + wk for warp wk); each warp holds two blocks of
-registers, reloading one as soon as it is used (the loop is unrolled twice, so nothing is copied between them, and
-an odd last block follows it: a padded iteration cost 4-8% at 4096 x 11008, session 26), and the warps' partial
-sums meet once, at the end, through shared memory into a layout that puts an output's KW partials in one thread's
-registers (`gl.sum` straight over the mma layout's warp axis cost 2.2 of 6.9 µs at 4096 x 4096, M = 1, session
-26). More blocks a warp did not pay: up to eight was no faster, even with every weight byte asked for before the
-PDL wait below, and its registers cost programs an SM (session 23); three, held to 128 registers, was within 1%
-of two at 4096 x 11008 and slower elsewhere (sessions 26-27); nor was a ring of up to eight blocks a warp in shared
-memory, filled by `cp.async` (1.05-1.22x slower, session 26), nor storing each 16-row tile's bytes contiguously
-(a kernel that only reads them: 0.97-1.00x the row-major time, session 27). Measured on the H100 beside the shipped
-Triton kernel: 1.32-1.61x it at M = 1 (session 27), slower at M = 16 (also with two x tiles of 8 rows, session 23;
-benchmarks/RESULTS.md), hence M <= 8.
+(one shift and one `lop3` into the mantissa of 128.0 per two weights; 1024.0 for fp16). A program is 16 weight rows
+and KW warps that split K between them (block it * KW + wk for warp wk); each warp holds two blocks of registers,
+reloading one as soon as it is used (the loop is unrolled twice, so nothing is copied between them, and an odd last
+block follows it: a padded iteration cost 4-8% at 4096 x 11008, session 26), and the warps' partial sums meet once,
+at the end, through shared memory into a layout that puts an output's KW partials in one thread's registers
+(`gl.sum` straight over the mma layout's warp axis cost 2.2 of 6.9 µs at 4096 x 4096, M = 1, session 26). x, which
+L2 holds, is loaded a block ahead too, or, in the LATE_X configs, right before its block: that holds 16 fewer
+registers a thread and was 4-9% faster at 4096 x 4096, 3-6% slower at the other shapes (session 27), so first-use
+tuning picks per shape. More blocks a warp did not pay: up to eight was no faster, even with every weight byte asked
+for before the PDL wait below, and its registers cost programs an SM (session 23); three, held to 128 registers, was
+within 1% of two at 4096 x 11008 and slower elsewhere (sessions 26-27); nor was a ring of up to eight blocks a warp
+in shared memory, filled by `cp.async` (1.05-1.22x slower, session 26), nor storing each 16-row tile's bytes
+contiguously (a kernel that only reads them: 0.97-1.00x the row-major time, session 27). Measured on the H100 beside
+the shipped Triton kernel: 1.32-1.61x it at M = 1 (session 27), slower at M = 16 (also with two x tiles of 8 rows,
+session 23; benchmarks/RESULTS.md), hence M <= 8.
 
 How 16 contiguous bytes become an mma operand without moving data: a dot's sum does not depend on the order of
 k, so the kernel sums in a "logical" order of its own, the same for the weights and for x. A thread in lane-quad
@@ -149,18 +151,32 @@ def _load_x(it, x_ptrs, xk, num_kb, KW: gl.constexpr):
 
 
 @gluon.jit
-def _load_block(it, w_ptrs, x_ptrs, z_ptrs, s_ptrs, wk, xk, sk, num_kb, KW: gl.constexpr,
-                GROUP_SIZE: gl.constexpr):
-    """Iteration it's operands: weight words [KW, BN, 16] and x words [KW, BLOCK_M, 64] int32, zero points and
-    scales [KW, BN]."""
-    words, z, s = _load_weights(it, w_ptrs, z_ptrs, s_ptrs, wk, sk, num_kb, KW, GROUP_SIZE)
-    return words, _load_x(it, x_ptrs, xk, num_kb, KW), z, s
+def _x_ahead(it, x_ptrs, xk, num_kb, KW: gl.constexpr, LATE_X: gl.constexpr):
+    """Iteration it's x words loaded ahead of their block (`_load_x`), or 0 where LATE_X: `_accumulate` loads them."""
+    if LATE_X:
+        xw = 0
+    else:
+        xw = _load_x(it, x_ptrs, xk, num_kb, KW)
+    return xw
 
 
 @gluon.jit
-def _accumulate(acc, block, ones, a_layout: gl.constexpr, b_layout: gl.constexpr, magic: gl.constexpr):
-    """acc [KW, BN, BLOCK_M] fp32 yᵀ + one block (_load_block's tuple): s * (Σ (MAGIC + q) x - (MAGIC + z) Σ x)."""
+def _load_block(it, w_ptrs, x_ptrs, z_ptrs, s_ptrs, wk, xk, sk, num_kb, KW: gl.constexpr,
+                GROUP_SIZE: gl.constexpr, LATE_X: gl.constexpr):
+    """Iteration it's operands: weight words [KW, BN, 16] and x words [KW, BLOCK_M, 64] int32 (or 0, `_x_ahead`),
+    zero points and scales [KW, BN]."""
+    words, z, s = _load_weights(it, w_ptrs, z_ptrs, s_ptrs, wk, sk, num_kb, KW, GROUP_SIZE)
+    return words, _x_ahead(it, x_ptrs, xk, num_kb, KW, LATE_X), z, s
+
+
+@gluon.jit
+def _accumulate(acc, block, it, x_ptrs, xk, num_kb, ones, a_layout: gl.constexpr, b_layout: gl.constexpr,
+                magic: gl.constexpr, KW: gl.constexpr, LATE_X: gl.constexpr):
+    """acc [KW, BN, BLOCK_M] fp32 yᵀ + iteration it's block (_load_block's tuple; its x words loaded now where
+    LATE_X): s * (Σ (MAGIC + q) x - (MAGIC + z) Σ x)."""
     words, xw, z, s = block
+    if LATE_X:
+        xw = _load_x(it, x_ptrs, xk, num_kb, KW)
     dtype: gl.constexpr = ones.dtype
     zero = gl.zeros_like(acc)
     w = gl.convert_layout(_dequantize(words, dtype), a_layout, assert_trivial=True)  # [KW, BN, 128]
@@ -174,7 +190,7 @@ def _accumulate(acc, block, ones, a_layout: gl.constexpr, b_layout: gl.constexpr
 @gluon.jit
 def _w4_direct_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, num_kb, stride_xm, stride_qn, stride_sn,
                       stride_ym, GROUP_SIZE: gl.constexpr, KW: gl.constexpr, ROW_TILES: gl.constexpr,
-                      HAS_BIAS: gl.constexpr, PDL: gl.constexpr):
+                      HAS_BIAS: gl.constexpr, PDL: gl.constexpr, LATE_X: gl.constexpr):
     dtype: gl.constexpr = x_ptr.dtype.element_ty
     magic: gl.constexpr = 128.0 if dtype == gl.bfloat16 else 1024.0
     BN: gl.constexpr = 16 * ROW_TILES
@@ -209,8 +225,9 @@ def _w4_direct_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, num_kb, s
         pdl_gluon.launch_dependents(sk)
     ones = gl.full([KW, BN, BLOCK_K], 1.0, dtype, a_layout)  # its product with x: Σx over the block in every row
     acc = gl.zeros([KW, BN, BLOCK_M], gl.float32, acc_layout)  # yᵀ partial sums, one a warp
-    # two sets of registers, each reloaded right after its block is used, so a load has a block of work to arrive in;
-    # the loop is unrolled twice (no copies between the sets), an odd last block follows it; blocks past the end (the
+    fold = (x_ptrs, xk, num_kb, ones)  # _accumulate's arguments after the iteration, up to the layouts
+    # two sets of registers (weights, and x unless LATE_X), each reloaded right after its block is used, so a load has
+    # a block of work to arrive in (x, from L2, none where LATE_X); the loop is unrolled twice (no copies between the sets), an odd last block follows it; blocks past the end (the
     # last warps' last, where KW does not divide the blocks) add 0
     n_it = gl.cdiv(num_kb, KW)  # blocks a warp
     # the first blocks' weights, zero points and scales: constants no kernel writes (pdl.py), so they are asked for
@@ -219,15 +236,15 @@ def _w4_direct_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, num_kb, s
     w1, z1, s1 = _load_weights(1, w_ptrs, z_ptrs, s_ptrs, wk, sk, num_kb, KW, GROUP_SIZE)
     if PDL:
         pdl_gluon.wait_for_previous(sk)
-    buf0 = (w0, _load_x(0, x_ptrs, xk, num_kb, KW), z0, s0)
-    buf1 = (w1, _load_x(1, x_ptrs, xk, num_kb, KW), z1, s1)
+    buf0 = (w0, _x_ahead(0, x_ptrs, xk, num_kb, KW, LATE_X), z0, s0)
+    buf1 = (w1, _x_ahead(1, x_ptrs, xk, num_kb, KW, LATE_X), z1, s1)
     for it in range(0, n_it - 1, 2):
-        acc = _accumulate(acc, buf0, ones, a_layout, b_layout, magic)
-        buf0 = _load_block(it + 2, *ptrs)
-        acc = _accumulate(acc, buf1, ones, a_layout, b_layout, magic)
-        buf1 = _load_block(it + 3, *ptrs)
+        acc = _accumulate(acc, buf0, it, *fold, a_layout, b_layout, magic, KW, LATE_X)
+        buf0 = _load_block(it + 2, *ptrs, LATE_X)
+        acc = _accumulate(acc, buf1, it + 1, *fold, a_layout, b_layout, magic, KW, LATE_X)
+        buf1 = _load_block(it + 3, *ptrs, LATE_X)
     if n_it % 2 == 1:
-        acc = _accumulate(acc, buf0, ones, a_layout, b_layout, magic)
+        acc = _accumulate(acc, buf0, n_it - 1, *fold, a_layout, b_layout, magic, KW, LATE_X)
 
     # the warps' partial sums meet: through shared memory into a layout where each thread holds one output's KW
     # partials, then added in registers (gl.sum over the mma layout's warp axis cost 2.2 µs a call, session 26)
@@ -242,13 +259,15 @@ def _w4_direct_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, num_kb, s
     gl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], y.to(dtype), mask=mask)
 
 
-CONFIGS = [(8, 1), (4, 2), (4, 1), (2, 1), (16, 1), (8, 2)]  # (KW, ROW_TILES): each the best on the H100 somewhere
+# (KW, ROW_TILES, LATE_X), each the best on the H100 somewhere; LATE_X: x loaded right before its block instead of a
+# block ahead, which frees 16 registers and won 4-9% at 4096 x 4096 (M = 1, 8), lost 3-6% at the other shapes
+CONFIGS = [(8, 1, False), (4, 2, False), (4, 1, False), (2, 1, False), (16, 1, False), (8, 2, False), (8, 1, True)]
 _checked = {}  # (device index, dtype) -> whether the kernel matched the reference on a small odd case
 _tuned = {}  # (device index, dtype, M bucket, N, K, G) -> the fastest of CONFIGS
 
 
 def choose(x: torch.Tensor, qweight: torch.Tensor, group_size: int, bits: int):
-    """x: [M, K] contiguous, qweight: [N, K // 2] contiguous -> the (KW, ROW_TILES) config to run
+    """x: [M, K] contiguous, qweight: [N, K // 2] contiguous -> the (KW, ROW_TILES, LATE_X) config to run
     this kernel with, or None for the Triton kernel. The first call per device and dtype checks the kernel (Gluon's
     API moves between Triton releases: a failure to compile or a wrong result warns and turns it off); the first call
     per shape times CONFIGS and keeps the fastest (`w4a16_first_use.py`)."""
@@ -265,19 +284,19 @@ def _matches_reference(device: torch.device, dtype: torch.dtype) -> bool:
 def linear_w4_direct(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bias,
                      group_size: int, config=None, launch_pdl=None) -> torch.Tensor:
     """x [M, K] (M <= 8, 16-bit, contiguous), qweight [N, K // 2] uint8 (contiguous), scales/zeros [N, K // G],
-    bias [N] or None -> y [M, N]. config: (KW, ROW_TILES), CONFIGS[0] when None; launch_pdl:
+    bias [N] or None -> y [M, N]. config: (KW, ROW_TILES, LATE_X), CONFIGS[0] when None; launch_pdl:
     programmatic dependent launch (`pdl.py`), `pdl.enabled()` when None."""
     m, k = x.shape
     n = qweight.shape[0]
     scales = scales.contiguous()
     zeros = zeros.to(scales.dtype).contiguous()
-    kw, row_tiles = config or CONFIGS[0]
+    kw, row_tiles, late_x = config or CONFIGS[0]
     launch_pdl = pdl.enabled() if launch_pdl is None else launch_pdl
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)  # y: [M, N]
     _w4_direct_kernel[(triton.cdiv(n, 16 * row_tiles), )](
         x, qweight, scales, zeros, bias if bias is not None else scales, y,
         m, n, k // TILE_K, x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
         GROUP_SIZE=group_size, KW=kw, ROW_TILES=row_tiles, HAS_BIAS=bias is not None, PDL=launch_pdl,
-        num_warps=kw, launch_pdl=launch_pdl,
+        LATE_X=late_x, num_warps=kw, launch_pdl=launch_pdl,
     )
     return y

@@ -31,7 +31,7 @@ from tests.codegen.sm90_compile import compile_gluon_for_sm90
 compiled = compile_gluon_for_sm90(
     w4a16_direct._w4_direct_kernel,
     {"x_ptr": "*bf16", "qw_ptr": "*u8", "s_ptr": "*bf16", "z_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16"},
-    {"GROUP_SIZE": 128, "KW": 8, "ROW_TILES": 1, "HAS_BIAS": False, "PDL": True},
+    {"GROUP_SIZE": 128, "KW": 8, "ROW_TILES": 1, "HAS_BIAS": False, "PDL": True, "LATE_X": False},
     ("x_ptr", "qw_ptr", "s_ptr", "z_ptr", "stride_xm", "stride_qn"), num_warps=8)
 ptx = compiled.asm["ptx"]
 order = re.findall(r"griddepcontrol[.][a-z_]+|ld[.]global[.a-z0-9]*|st[.]global", ptx)
