@@ -26,7 +26,7 @@ for before the PDL wait below, and its registers cost programs an SM (session 23
 within 1% of two at 4096 x 11008 and slower elsewhere (sessions 26-27); nor was a ring of up to eight blocks a warp
 in shared memory, filled by `cp.async` (1.05-1.22x slower, session 26), nor storing each 16-row tile's bytes
 contiguously (a kernel that only reads them: 0.97-1.00x the row-major time, session 27). Measured on the H100 beside
-the shipped Triton kernel: 1.32-1.61x it at M = 1 (session 27), slower at M = 16 (also with two x tiles of 8 rows,
+the shipped Triton kernel: 1.34-1.64x it at M = 1 (session 27), slower at M = 16 (also with two x tiles of 8 rows,
 session 23; benchmarks/RESULTS.md), hence M <= 8.
 
 How 16 contiguous bytes become an mma operand without moving data: a dot's sum does not depend on the order of

@@ -1,12 +1,12 @@
 """Weight-only group-quantized linear (W4/W3/W8, A16/A32) in Triton, reading the canonical layout.
 
 Entry point: `linear_wq(x, qweight, scales, zeros, bias, group_size, bits)`, the same function as
-`torch.ops.llmopt.linear_wq` up to fp32 rounding (see below). On sm_90, 16-bit x against 4-bit weights in groups
-of >= 128 runs a Gluon kernel at up to 8 rows (`w4a16_direct.py`, 1.06-1.16x this module's on the H100) and at 17
-to 128 rows (`w4a16_wgmma.py`, 1.07-1.55x what ran there before); else, up to FUSED_MAX_M rows it runs the fused
-kernel below; above, it dequantizes the weight into a temporary (`dequantize_wq.py`) and calls
-`torch.nn.functional.linear`, as the reference does, so the result is the reference's exactly: on the H200 that
-was 1.06-2.46x faster than the fused kernel at M = 128 to 4096 (benchmarks/RESULTS.md). The weight is read as stored
+`torch.ops.llmopt.linear_wq` up to fp32 rounding (see below). On sm_90, 16-bit x against 4-bit weights in groups of
+>= 128 runs a Gluon kernel at up to 8 rows (`w4a16_direct.py`, 1.19-1.64x this module's on the H100, session 27)
+and at 17 to 128 rows (`w4a16_wgmma.py`, 1.07-1.55x what ran there before); else, up to FUSED_MAX_M rows it runs
+the fused kernel below; above, it dequantizes the weight into a temporary (`dequantize_wq.py`) and calls
+`torch.nn.functional.linear`, as the reference does, so the result is the reference's exactly: on the H200 that was
+1.06-2.46x faster than the fused kernel at M = 128 to 4096 (benchmarks/RESULTS.md). The weight is read as stored
 (`llmopt/ops/linear_wq.py`): uint8 `[N, K // 2]` with the even k in the low nibble (3-bit values
 sit in 4-bit slots), or uint8 `[N, K]` for 8 bits; there is no repacking step.
 
