@@ -2,15 +2,16 @@
 
 Entry point: `python -m benchmarks.bench_w4_kernels [direct|wgmma ...] [--m 32,64] [--no-check]` (both kernels when
 none is named; --m: the M to time instead of the kernel's own; --no-check: skip the check, for a call that ran the
-kernel's GPU tests already, which check every config too): for each kernel
-(`codegen/kernels/w4a16_direct.py`, M = 1 to 8; `codegen/kernels/w4a16_wgmma.py`, M = 17 to 128) it checks the
-kernel against the reference op on odd shapes, then times Llama-2-7B shapes as streams (bench_gemm's "stream": C
-weight copies, at least 4x the L2 cache, one graph of C calls, divided by C): every config of the kernel (`CONFIGS`;
-"chosen" is the one its `choose` tuned) beside what `linear_wq` runs with llmopt's Gluon kernels turned off (the
-autotuned Triton kernel up to M = 64, dequantize + cuBLAS above) and `x @ Wᵀ` in bf16, all in this run; and, for
-the direct kernel, the chosen config launched without programmatic dependent launch ("no PDL",
-`codegen/kernels/pdl.py`: in a stream of calls each may start while the one before it finishes), and the time only
-to read the int4 bytes (`read_floor.py`) without PDL, with it, and with every load before the wait. Prints tables.
+kernel's GPU tests already, which check every config too): for each kernel (`codegen/kernels/w4a16_direct.py`, M = 1
+to 16; `codegen/kernels/w4a16_wgmma.py`, M = 17 to 128) it checks the kernel against the reference op on odd shapes,
+then times Llama-2-7B shapes as streams (bench_gemm's "stream": C weight copies, at least 4x the L2 cache, one graph
+of C calls, divided by C): every config of the kernel (`CONFIGS`, or the direct kernel's `configs_for(M)`; "chosen"
+is the one its `choose` tuned, for the direct kernel at M = 9-16 possibly the Triton kernel, whose time is then the
+kernel's column) beside what `linear_wq` runs with llmopt's Gluon kernels turned off (the autotuned Triton kernel up
+to M = 64, dequantize + cuBLAS above) and `x @ Wᵀ` in bf16, all in this run; and, for the direct kernel, the chosen
+config launched without programmatic dependent launch ("no PDL", `codegen/kernels/pdl.py`: in a stream of calls each
+may start while the one before it finishes), and the time only to read the int4 bytes (`read_floor.py`) without PDL,
+with it, and with every load before the wait. Prints tables.
 """
 import itertools
 
@@ -23,9 +24,9 @@ from llmopt.codegen.kernels import w4a16_direct, w4a16_gemm, w4a16_wgmma
 from llmopt.ops.linear_wq import dequantize_groups
 
 KERNELS = {  # name -> (module, its linear function, the M it benchmarks, (M, N, K, G) checks)
-    "direct": (w4a16_direct, w4a16_direct.linear_w4_direct, (1, 4, 8),
+    "direct": (w4a16_direct, w4a16_direct.linear_w4_direct, (1, 4, 8, 16),
                [(1, 4096, 4096, 128), (3, 100, 384, 128), (8, 4100, 11008, 128), (7, 77, 1024, 256),
-                (5, 33, 128, 128), (2, 64, 256, 256)]),
+                (5, 33, 128, 128), (2, 64, 256, 256), (16, 4100, 4096, 128), (12, 77, 1024, 256)]),
     "wgmma": (w4a16_wgmma, w4a16_wgmma.linear_w4_wgmma, (32, 64, 128),
               [(32, 4096, 4096, 128), (20, 100, 384, 128), (64, 4100, 11008, 128), (37, 77, 1024, 256),
                (128, 33, 128, 128), (100, 200, 1280, 256), (17, 64, 256, 256)]),
@@ -42,7 +43,7 @@ def check(name: str) -> list:
         w = dequantize_groups(qweight, scales, zeros, g, 4).float()  # [N, K]
         ref = x.float() @ w.t() + (bias.float() if with_bias else 0)
         errs = {}
-        for cfg in module.CONFIGS:
+        for cfg in _configs(module, m):
             y = linear(x, qweight, scales, zeros, bias, g, cfg)
             again = linear(x, qweight, scales, zeros, bias, g, cfg)
             errs[cfg] = (rel_err(y, ref), bool(torch.equal(y, again)), bool(y.isfinite().all()))
@@ -50,6 +51,11 @@ def check(name: str) -> list:
                      "chosen": module.choose(x, qweight, g, 4), "max rel err": max(e[0] for e in errs.values()),
                      "same twice": all(e[1] for e in errs.values()), "finite": all(e[2] for e in errs.values())})
     return rows
+
+
+def _configs(module, m: int) -> list:
+    """The configs the kernel's first-use tuning may pick for m rows."""
+    return module.configs_for(m) if hasattr(module, "configs_for") else module.CONFIGS
 
 
 def _without_gluon(x, qweight, scales, zeros):
@@ -76,21 +82,24 @@ def bench(name: str, ms=None) -> list:
         qws = [(qweight.clone(), scales.clone(), zeros.clone()) for _ in range(copies)]
         t_base = time_graph_ms([lambda q=q: _without_gluon(x, *q) for q in qws])
         times = {cfg: time_graph_ms([lambda q=q: linear(x, *q, None, GROUP, cfg) for q in qws])
-                 for cfg in module.CONFIGS}
+                 for cfg in _configs(module, m)}
+        best = min(times, key=times.get)
+        mine = chosen if chosen is not None else best  # None: linear_wq runs the Triton kernel ("without") here
         direct_columns = {}
         if name == "direct":  # the one launched with PDL (pdl.py says why), and the read floors with and without it
-            t_no_pdl = time_graph_ms([lambda q=q: linear(x, *q, None, GROUP, chosen, launch_pdl=False) for q in qws])
+            t_no_pdl = time_graph_ms([lambda q=q: linear(x, *q, None, GROUP, mine, launch_pdl=False) for q in qws])
             floors = {f"read floor {pdl} us": 1e3 * read_floor_ms(n * k // 2, copies, pdl)
                       for pdl in ("off", "wait", "early")}
-            direct_columns = {"no PDL us": 1e3 * t_no_pdl, "PDL gain": t_no_pdl / times[chosen], **floors}
-        err = rel_err(linear(x, qweight, scales, zeros, None, GROUP, chosen), x @ w.t())
+            direct_columns = {"no PDL us": 1e3 * t_no_pdl, "PDL gain": t_no_pdl / times[mine], **floors}
+        err = rel_err(linear(x, qweight, scales, zeros, None, GROUP, mine), x @ w.t())
         del qws
         ws = [w.clone() for _ in range(copies)]
         t_bf16 = time_graph_ms([lambda v=v: x @ v.t() for v in ws])
         del ws
-        t = times[chosen]
+        t = times[chosen] if chosen is not None else t_base  # what linear_wq runs
         rows.append({"M": m, "N x K": f"{n} x {k}", "bf16 us": 1e3 * t_bf16, "without us": 1e3 * t_base,
-                     f"{name} us": 1e3 * t, "chosen config": chosen, "best config": min(times, key=times.get),
+                     f"{name} us": 1e3 * t, "chosen config": chosen if chosen is not None else "Triton kernel",
+                     "best config": best,
                      f"{name} / bf16": t_bf16 / t, "without / bf16": t_bf16 / t_base, f"{name} / without": t_base / t,
                      **direct_columns,
                      f"{name} GB/s": weight_bytes / t / 1e6, "TFLOP/s": 2 * m * n * k / t / 1e9, "rel err": err,

@@ -26,8 +26,10 @@ for before the PDL wait below, and its registers cost programs an SM (session 23
 within 1% of two at 4096 x 11008 and slower elsewhere (sessions 26-27); nor was a ring of up to eight blocks a warp
 in shared memory, filled by `cp.async` (1.05-1.22x slower, session 26), nor storing each 16-row tile's bytes
 contiguously (a kernel that only reads them: 0.97-1.00x the row-major time, session 27). Measured on the H100 beside
-the shipped Triton kernel: 1.34-1.64x it at M = 1 (session 27), slower at M = 16 (also with two x tiles of 8 rows,
-session 23; benchmarks/RESULTS.md), hence M <= 8.
+the shipped Triton kernel: 1.34-1.64x it at M = 1 (session 27). M = 9-16 takes two x tiles of 8 rows (two mma
+n-tiles, XM = 16): there each warp reads 4 KB of x for 1-2 KB of weights a block, so it won at 4096 x 4096, M = 16
+(1.34x the Triton kernel), tied at 4096 x 11008 and lost at 11008 x 4096 (session 27; with x a block ahead and the
+old sum, session 23, it lost everywhere), hence first-use tuning times the Triton kernel beside it there.
 
 How 16 contiguous bytes become an mma operand without moving data: a dot's sum does not depend on the order of
 k, so the kernel sums in a "logical" order of its own, the same for the weights and for x. A thread in lane-quad
@@ -55,8 +57,7 @@ from llmopt.codegen.kernels import pdl, pdl_gluon
 from llmopt.codegen.kernels.w4a16_first_use import TILE_K, fastest_streaming, first_use_config, matches_reference
 
 BLOCK_K = gl.constexpr(TILE_K)
-MAX_M = 8  # x rows: the mma's n = 8 (M = 16 measured slower than the Triton kernel)
-BLOCK_M = gl.constexpr(MAX_M)
+MAX_M = 16  # x rows: one mma n-tile of 8 up to M = 8, two above
 
 
 @gluon.constexpr_function
@@ -71,14 +72,14 @@ def _word_layout(kw: int, row_tiles: int) -> gl.DistributedLinearLayout:
 
 
 @gluon.constexpr_function
-def _x_layout(kw: int) -> gl.DistributedLinearLayout:
-    """[KW, 8, 64] int32 x words (2 values each) of one 128-k block: the thread in lane g, position c holds x row
-    g's words 16c .. 16c + 15 (its 32 physical k, as for the weights)."""
+def _x_layout(kw: int, xm: int) -> gl.DistributedLinearLayout:
+    """[KW, XM, 64] int32 x words (2 values each) of one 128-k block: the thread in lane g, position c holds x row
+    g's (and, at XM = 16, row g + 8's) words 16c .. 16c + 15 (its 32 physical k, as for the weights)."""
     return gl.DistributedLinearLayout(
-        reg_bases=[[0, 0, 1], [0, 0, 2], [0, 0, 4], [0, 0, 8]],
+        reg_bases=[[0, 0, 1], [0, 0, 2], [0, 0, 4], [0, 0, 8]] + ([[0, 8, 0]] if xm == 16 else []),
         lane_bases=[[0, 0, 16], [0, 0, 32], [0, 1, 0], [0, 2, 0], [0, 4, 0]],
         warp_bases=[[1 << i, 0, 0] for i in range(kw.bit_length() - 1)],
-        block_bases=[], shape=[kw, 8, 64])
+        block_bases=[], shape=[kw, xm, 64])
 
 
 # a weight word (8 nibbles, two int16 elements) -> 4 registers p of the float pair (MAGIC + nibble p, MAGIC + nibble
@@ -119,15 +120,15 @@ def _dequantize(words, dtype: gl.constexpr):
 
 @gluon.jit
 def _x_operand(xw, dtype: gl.constexpr):
-    """xw: [KW, BLOCK_M, 64] int32 x words (word 16c + 4j + 2e + h holds physical k 32c + 8j + 4e + 2h + b, b = 0, 1)
-    -> [KW, BLOCK_M, 128] in dtype, logical k as the weights' (p = 2h + b)."""
+    """xw: [KW, XM, 64] int32 x words (word 16c + 4j + 2e + h holds physical k 32c + 8j + 4e + 2h + b, b = 0, 1)
+    -> [KW, XM, 128] in dtype, logical k as the weights' (p = 2h + b)."""
     lo, hi = gl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [xw], dtype=(gl.int16, gl.int16),
                                       is_pure=True, pack=1)
     t = gl.reshape(gl.join(lo, hi), [xw.shape[0], xw.shape[1], 4, 4, 2, 2, 2])  # c, j, e, h, b
-    a, b = gl.split(gl.permute(t, (0, 1, 2, 3, 5, 6, 4)))  # e = 0 and e = 1: [KW, BLOCK_M, c, j, h, b]
+    a, b = gl.split(gl.permute(t, (0, 1, 2, 3, 5, 6, 4)))  # e = 0 and e = 1: [KW, XM, c, j, h, b]
     lo, hi = gl.inline_asm_elementwise(_X_ASM, "=r,=r,r,r", [a, b], dtype=(gl.int16, ) * 2, is_pure=True, pack=2)
-    t = gl.join(lo, hi)  # [KW, BLOCK_M, c, j, h, e, p0]: lo holds b = 0 (e = 0, 1), hi b = 1
-    t = gl.permute(t, (0, 1, 3, 4, 6, 2, 5))  # [KW, BLOCK_M, j, h (p1), p0, c, e]
+    t = gl.join(lo, hi)  # [KW, XM, c, j, h, e, p0]: lo holds b = 0 (e = 0, 1), hi b = 1
+    t = gl.permute(t, (0, 1, 3, 4, 6, 2, 5))  # [KW, XM, j, h (p1), p0, c, e]
     return gl.reshape(t, [xw.shape[0], xw.shape[1], BLOCK_K]).to(dtype, bitcast=True)
 
 
@@ -146,7 +147,7 @@ def _load_weights(it, w_ptrs, z_ptrs, s_ptrs, wk, sk, num_kb, KW: gl.constexpr, 
 
 @gluon.jit
 def _load_x(it, x_ptrs, xk, num_kb, KW: gl.constexpr):
-    """Iteration it's x words [KW, BLOCK_M, 64] int32 (block it * KW + xk, clamped to the last)."""
+    """Iteration it's x words [KW, XM, 64] int32 (block it * KW + xk, clamped to the last)."""
     return gl.load(x_ptrs + (gl.minimum(it * KW + xk, num_kb - 1) * (BLOCK_K // 2))[:, None, None])
 
 
@@ -163,7 +164,7 @@ def _x_ahead(it, x_ptrs, xk, num_kb, KW: gl.constexpr, LATE_X: gl.constexpr):
 @gluon.jit
 def _load_block(it, w_ptrs, x_ptrs, z_ptrs, s_ptrs, wk, xk, sk, num_kb, KW: gl.constexpr,
                 GROUP_SIZE: gl.constexpr, LATE_X: gl.constexpr):
-    """Iteration it's operands: weight words [KW, BN, 16] and x words [KW, BLOCK_M, 64] int32 (or 0, `_x_ahead`),
+    """Iteration it's operands: weight words [KW, BN, 16] and x words [KW, XM, 64] int32 (or 0, `_x_ahead`),
     zero points and scales [KW, BN]."""
     words, z, s = _load_weights(it, w_ptrs, z_ptrs, s_ptrs, wk, sk, num_kb, KW, GROUP_SIZE)
     return words, _x_ahead(it, x_ptrs, xk, num_kb, KW, LATE_X), z, s
@@ -172,7 +173,7 @@ def _load_block(it, w_ptrs, x_ptrs, z_ptrs, s_ptrs, wk, xk, sk, num_kb, KW: gl.c
 @gluon.jit
 def _accumulate(acc, block, it, x_ptrs, xk, num_kb, ones, a_layout: gl.constexpr, b_layout: gl.constexpr,
                 magic: gl.constexpr, KW: gl.constexpr, LATE_X: gl.constexpr):
-    """acc [KW, BN, BLOCK_M] fp32 yᵀ + iteration it's block (_load_block's tuple; its x words loaded now where
+    """acc [KW, BN, XM] fp32 yᵀ + iteration it's block (_load_block's tuple; its x words loaded now where
     LATE_X): s * (Σ (MAGIC + q) x - (MAGIC + z) Σ x)."""
     words, xw, z, s = block
     if LATE_X:
@@ -181,7 +182,7 @@ def _accumulate(acc, block, it, x_ptrs, xk, num_kb, ones, a_layout: gl.constexpr
     zero = gl.zeros_like(acc)
     w = gl.convert_layout(_dequantize(words, dtype), a_layout, assert_trivial=True)  # [KW, BN, 128]
     xt = gl.convert_layout(gl.permute(_x_operand(xw, dtype), (0, 2, 1)), b_layout, assert_trivial=True)
-    raw = mma_v2(w, xt, zero)  # Σ (MAGIC + q) x: [KW, BN, BLOCK_M]
+    raw = mma_v2(w, xt, zero)  # Σ (MAGIC + q) x: [KW, BN, XM]
     sx = mma_v2(ones, xt, zero)  # Σ x, in every row
     zb = z.to(gl.float32) + magic
     return acc + s.to(gl.float32)[:, :, None] * (raw - zb[:, :, None] * sx)
@@ -190,12 +191,13 @@ def _accumulate(acc, block, it, x_ptrs, xk, num_kb, ones, a_layout: gl.constexpr
 @gluon.jit
 def _w4_direct_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, num_kb, stride_xm, stride_qn, stride_sn,
                       stride_ym, GROUP_SIZE: gl.constexpr, KW: gl.constexpr, ROW_TILES: gl.constexpr,
-                      HAS_BIAS: gl.constexpr, PDL: gl.constexpr, LATE_X: gl.constexpr):
+                      HAS_BIAS: gl.constexpr, PDL: gl.constexpr, LATE_X: gl.constexpr,
+                      XM: gl.constexpr):
     dtype: gl.constexpr = x_ptr.dtype.element_ty
     magic: gl.constexpr = 128.0 if dtype == gl.bfloat16 else 1024.0
     BN: gl.constexpr = 16 * ROW_TILES
     w_layout: gl.constexpr = _word_layout(KW, ROW_TILES)
-    x_layout: gl.constexpr = _x_layout(KW)
+    x_layout: gl.constexpr = _x_layout(KW, XM)
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[KW, 1, 1],
                                                          instr_shape=[1, 16, 8])
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
@@ -208,10 +210,10 @@ def _w4_direct_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, num_kb, s
     rows = gl.minimum(row0 + gl.arange(0, BN, layout=gl.SliceLayout(0, gl.SliceLayout(2, w_layout))), N - 1)
     wu = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, w_layout)))
     w_ptrs = qw_ptr.to(gl.pointer_type(gl.int32)) + rows[None, :, None] * (stride_qn // 4) + wu[None, None, :]
-    # x words [1, BLOCK_M, 64] of block 0
+    # x words [1, XM, 64] of block 0
     xk = gl.arange(0, KW, layout=gl.SliceLayout(1, gl.SliceLayout(2, x_layout)))
     # rows past M: copies of row M - 1
-    xm = gl.minimum(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, gl.SliceLayout(2, x_layout))), M - 1)
+    xm = gl.minimum(gl.arange(0, XM, layout=gl.SliceLayout(0, gl.SliceLayout(2, x_layout))), M - 1)
     xu = gl.arange(0, 64, layout=gl.SliceLayout(0, gl.SliceLayout(1, x_layout)))
     x_ptrs = x_ptr.to(gl.pointer_type(gl.int32)) + xm[None, :, None] * (stride_xm // 2) + xu[None, None, :]
     # zero points and scales [1, BN] of group 0, in the accumulator's row layout
@@ -224,11 +226,12 @@ def _w4_direct_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, num_kb, s
     if PDL:  # the next kernel may start now
         pdl_gluon.launch_dependents(sk)
     ones = gl.full([KW, BN, BLOCK_K], 1.0, dtype, a_layout)  # its product with x: Σx over the block in every row
-    acc = gl.zeros([KW, BN, BLOCK_M], gl.float32, acc_layout)  # yᵀ partial sums, one a warp
+    acc = gl.zeros([KW, BN, XM], gl.float32, acc_layout)  # yᵀ partial sums, one a warp
     fold = (x_ptrs, xk, num_kb, ones)  # _accumulate's arguments after the iteration, up to the layouts
     # two sets of registers (weights, and x unless LATE_X), each reloaded right after its block is used, so a load has
-    # a block of work to arrive in (x, from L2, none where LATE_X); the loop is unrolled twice (no copies between the sets), an odd last block follows it; blocks past the end (the
-    # last warps' last, where KW does not divide the blocks) add 0
+    # a block of work to arrive in (x, from L2, none where LATE_X); the loop is unrolled twice (no copies between the
+    # sets), an odd last block follows it; blocks past the end (the last warps' last, where KW does not divide the
+    # blocks) add 0
     n_it = gl.cdiv(num_kb, KW)  # blocks a warp
     # the first blocks' weights, zero points and scales: constants no kernel writes (pdl.py), so they are asked for
     # before the wait and arrive while the previous kernel finishes; x, its output, only after it
@@ -248,11 +251,11 @@ def _w4_direct_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, num_kb, s
 
     # the warps' partial sums meet: through shared memory into a layout where each thread holds one output's KW
     # partials, then added in registers (gl.sum over the mma layout's warp axis cost 2.2 µs a call, session 26)
-    sum_layout: gl.constexpr = gl.BlockedLayout([KW, 1, 1], [1, 32 // BLOCK_M, BLOCK_M], [1, KW, 1], [2, 1, 0])
-    y = gl.sum(gl.convert_layout(acc, sum_layout), axis=0)  # [BN, BLOCK_M]
+    sum_layout: gl.constexpr = gl.BlockedLayout([KW, 1, 1], [1, 32 // XM, XM], [1, KW, 1], [2, 1, 0])
+    y = gl.sum(gl.convert_layout(acc, sum_layout), axis=0)  # [BN, XM]
     y_layout: gl.constexpr = gl.SliceLayout(0, sum_layout)
     offs_n = row0 + gl.arange(0, BN, layout=gl.SliceLayout(1, y_layout))
-    offs_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, y_layout))
+    offs_m = gl.arange(0, XM, layout=gl.SliceLayout(0, y_layout))
     if HAS_BIAS:
         y += gl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(gl.float32)[:, None]
     mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
@@ -262,41 +265,70 @@ def _w4_direct_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, num_kb, s
 # (KW, ROW_TILES, LATE_X), each the best on the H100 somewhere; LATE_X: x loaded right before its block instead of a
 # block ahead, which frees 16 registers and won 4-9% at 4096 x 4096 (M = 1, 8), lost 3-6% at the other shapes
 CONFIGS = [(8, 1, False), (4, 2, False), (4, 1, False), (2, 1, False), (16, 1, False), (8, 2, False), (8, 1, True)]
-_checked = {}  # (device index, dtype) -> whether the kernel matched the reference on a small odd case
-_tuned = {}  # (device index, dtype, M bucket, N, K, G) -> the fastest of CONFIGS
+# M = 9-16 (two x tiles): the best three of a sweep on the H100 (session 27); x a block ahead costs too many registers
+WIDE_CONFIGS = [(8, 2, True), (4, 2, True), (8, 1, True)]
+_checked = {}  # (device index, dtype) -> whether the kernel matched the reference on two small odd cases
+_tuned = {}  # (device index, dtype, M bucket, N, K, G) -> the fastest config, or None where the Triton kernel was
+
+
+def configs_for(m: int) -> list:
+    """The configs first-use tuning times for m rows of x (M <= 16)."""
+    return CONFIGS if m <= 8 else WIDE_CONFIGS
 
 
 def choose(x: torch.Tensor, qweight: torch.Tensor, group_size: int, bits: int):
     """x: [M, K] contiguous, qweight: [N, K // 2] contiguous -> the (KW, ROW_TILES, LATE_X) config to run
     this kernel with, or None for the Triton kernel. The first call per device and dtype checks the kernel (Gluon's
     API moves between Triton releases: a failure to compile or a wrong result warns and turns it off); the first call
-    per shape times CONFIGS and keeps the fastest (`w4a16_first_use.py`)."""
+    per shape times `configs_for(M)` and keeps the fastest (`w4a16_first_use.py`); at M = 9-16, where the Triton
+    kernel won at some shapes (session 27), it is timed beside them and None is kept when it is the fastest."""
     return first_use_config(x, qweight, group_size, bits, range(1, MAX_M + 1), _checked, _tuned, _matches_reference,
-                            lambda *shape: fastest_streaming(linear_w4_direct, CONFIGS, *shape))
+                            _fastest)
+
+
+def _fastest(x: torch.Tensor, n: int, k: int, group_size: int):
+    """The fastest config for x against [n, k] weights, streamed from memory; None: the Triton kernel (M > 8)."""
+    if x.shape[0] <= 8:
+        return fastest_streaming(linear_w4_direct, CONFIGS, x, n, k, group_size)
+    return fastest_streaming(_direct_or_triton, WIDE_CONFIGS + [None], x, n, k, group_size)
+
+
+def _direct_or_triton(x, qweight, scales, zeros, bias, group_size: int, config):
+    """This kernel with config, or, for None, the Triton kernel that `linear_wq` runs without it."""
+    if config is not None:
+        return linear_w4_direct(x, qweight, scales, zeros, bias, group_size, config)
+    from llmopt.codegen.kernels.w4a16_gemm import linear_wq_triton  # it imports this module
+
+    return linear_wq_triton(x, qweight, scales, zeros.to(scales.dtype), bias, group_size, 4)
 
 
 def _matches_reference(device: torch.device, dtype: torch.dtype) -> bool:
-    """The kernel on a small odd case (partial row tile, 3 rows of x, groups of 256, bias) against the reference."""
-    return matches_reference(lambda *args: linear_w4_direct(*args, CONFIGS[0]), "direct W4A16 kernel",
-                             "using the Triton kernel instead", 3, 100, 1024, 256, device, dtype)
+    """The kernel on two small odd cases (partial row tile, 3 and 12 rows of x, groups of 256, bias) against the
+    reference."""
+    label, fallback = "direct W4A16 kernel", "using the Triton kernel instead"
+    return (matches_reference(lambda *args: linear_w4_direct(*args, CONFIGS[0]), label, fallback, 3, 100, 1024, 256,
+                              device, dtype)
+            and matches_reference(lambda *args: linear_w4_direct(*args, WIDE_CONFIGS[0]), label, fallback, 12, 100,
+                                  1024, 256, device, dtype))
 
 
 def linear_w4_direct(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bias,
                      group_size: int, config=None, launch_pdl=None) -> torch.Tensor:
-    """x [M, K] (M <= 8, 16-bit, contiguous), qweight [N, K // 2] uint8 (contiguous), scales/zeros [N, K // G],
-    bias [N] or None -> y [M, N]. config: (KW, ROW_TILES, LATE_X), CONFIGS[0] when None; launch_pdl:
+    """x [M, K] (M <= 16, 16-bit, contiguous), qweight [N, K // 2] uint8 (contiguous), scales/zeros [N, K // G],
+    bias [N] or None -> y [M, N]. config: (KW, ROW_TILES, LATE_X), `configs_for(M)[0]` when None; launch_pdl:
     programmatic dependent launch (`pdl.py`), `pdl.enabled()` when None."""
     m, k = x.shape
     n = qweight.shape[0]
     scales = scales.contiguous()
     zeros = zeros.to(scales.dtype).contiguous()
-    kw, row_tiles, late_x = config or CONFIGS[0]
+    assert 1 <= m <= MAX_M, f"{m} rows of x: the direct kernel takes 1 to {MAX_M}"
+    kw, row_tiles, late_x = config or configs_for(m)[0]
     launch_pdl = pdl.enabled() if launch_pdl is None else launch_pdl
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)  # y: [M, N]
     _w4_direct_kernel[(triton.cdiv(n, 16 * row_tiles), )](
         x, qweight, scales, zeros, bias if bias is not None else scales, y,
         m, n, k // TILE_K, x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
         GROUP_SIZE=group_size, KW=kw, ROW_TILES=row_tiles, HAS_BIAS=bias is not None, PDL=launch_pdl,
-        LATE_X=late_x, num_warps=kw, launch_pdl=launch_pdl,
+        LATE_X=late_x, XM=8 if m <= 8 else 16, num_warps=kw, launch_pdl=launch_pdl,
     )
     return y

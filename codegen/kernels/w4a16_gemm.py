@@ -2,11 +2,12 @@
 
 Entry point: `linear_wq(x, qweight, scales, zeros, bias, group_size, bits)`, the same function as
 `torch.ops.llmopt.linear_wq` up to fp32 rounding (see below). On sm_90, 16-bit x against 4-bit weights in groups of
->= 128 runs a Gluon kernel at up to 8 rows (`w4a16_direct.py`, 1.19-1.64x this module's on the H100, session 27)
-and at 17 to 128 rows (`w4a16_wgmma.py`, 1.07-1.55x what ran there before); else, up to FUSED_MAX_M rows it runs
-the fused kernel below; above, it dequantizes the weight into a temporary (`dequantize_wq.py`) and calls
-`torch.nn.functional.linear`, as the reference does, so the result is the reference's exactly: on the H200 that was
-1.06-2.46x faster than the fused kernel at M = 128 to 4096 (benchmarks/RESULTS.md). The weight is read as stored
+>= 128 runs a Gluon kernel at up to 16 rows (`w4a16_direct.py`, 1.19-1.64x this module's at 1 to 8 rows on the
+H100, session 27; at 9 to 16 only for the shapes where first-use tuning timed it faster) and at 17 to 128 rows
+(`w4a16_wgmma.py`, 1.07-1.55x what ran there before); else, up to FUSED_MAX_M rows it runs the fused kernel below;
+above, it dequantizes the weight into a temporary (`dequantize_wq.py`) and calls `torch.nn.functional.linear`, as
+the reference does, so the result is the reference's exactly: on the H200 that was 1.06-2.46x faster than the fused
+kernel at M = 128 to 4096 (benchmarks/RESULTS.md). The weight is read as stored
 (`llmopt/ops/linear_wq.py`): uint8 `[N, K // 2]` with the even k in the low nibble (3-bit values
 sit in 4-bit slots), or uint8 `[N, K]` for 8 bits; there is no repacking step.
 
@@ -327,22 +328,31 @@ def linear_wq(
         w = dequantize_wq(qweight, scales, zeros, group_size, bits, x.dtype)  # w: [N, K]
         return torch.nn.functional.linear(x2, w, bias).reshape(*lead, n)
     direct = None if w4a16_direct is None or _INTERPRET else w4a16_direct.choose(x2, qweight, group_size, bits)
-    if direct is not None:  # M <= 8 on sm_90: weights straight into mma registers (w4a16_direct.py)
+    if direct is not None:  # M <= 16 on sm_90: weights straight into mma registers (w4a16_direct.py)
         y = w4a16_direct.linear_w4_direct(x2, qweight, scales, zeros, bias, group_size, direct)
         return y.reshape(*lead, n)
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)  # y: [M, N]
+    return linear_wq_triton(x2, qweight, scales, zeros, bias, group_size, bits).reshape(*lead, n)
+
+
+def linear_wq_triton(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bias,
+                     group_size: int, bits: int) -> torch.Tensor:
+    """The fused Triton kernel alone (what `linear_wq` runs up to FUSED_MAX_M rows where no Gluon kernel takes the
+    call): x2 [M, K], qweight, scales, zeros and bias contiguous, zeros in the scales' dtype -> y [M, N]."""
+    m, k = x2.shape
+    n = qweight.shape[0]
+    y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)  # y: [M, N]
     if m == 0:
-        return y.reshape(*lead, n)
+        return y
     kernel = _wq_gemv_kernel if m <= DECODE_MAX_M else _wq_gemm_kernel
-    ws = torch.empty(_MAX_SPLIT_K[kernel], m, n, dtype=torch.float32, device=x.device)  # ws: [S, M, N]
-    counters = arrival_counters(x.device, triton.cdiv(m, _MIN_TILE) * triton.cdiv(n, _MIN_TILE))
+    ws = torch.empty(_MAX_SPLIT_K[kernel], m, n, dtype=torch.float32, device=x2.device)  # ws: [S, M, N]
+    counters = arrival_counters(x2.device, triton.cdiv(m, _MIN_TILE) * triton.cdiv(n, _MIN_TILE))
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
     kernel[grid](
         x2, qweight, scales, zeros, bias if bias is not None else scales, y, ws, counters,
         m, n, k, triton.next_power_of_2(m),
         x2.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
         GROUP_SIZE=group_size, BITS=bits, HAS_BIAS=bias is not None,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", BLOCK_K=min(group_size, 128),
+        DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32", BLOCK_K=min(group_size, 128),
         FAST_UNPACK=not _INTERPRET,
     )
-    return y.reshape(*lead, n)
+    return y

@@ -31,11 +31,19 @@ from tests.codegen.sm90_compile import compile_gluon_for_sm90
 compiled = compile_gluon_for_sm90(
     w4a16_direct._w4_direct_kernel,
     {"x_ptr": "*bf16", "qw_ptr": "*u8", "s_ptr": "*bf16", "z_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16"},
-    {"GROUP_SIZE": 128, "KW": 8, "ROW_TILES": 1, "HAS_BIAS": False, "PDL": True, "LATE_X": False},
+    {"GROUP_SIZE": 128, "KW": 8, "ROW_TILES": 1, "HAS_BIAS": False, "PDL": True, "LATE_X": False, "XM": 8},
     ("x_ptr", "qw_ptr", "s_ptr", "z_ptr", "stride_xm", "stride_qn"), num_warps=8)
 ptx = compiled.asm["ptx"]
+kw, row_tiles, late_x = w4a16_direct.WIDE_CONFIGS[0]
+wide = compile_gluon_for_sm90(
+    w4a16_direct._w4_direct_kernel,
+    {"x_ptr": "*bf16", "qw_ptr": "*u8", "s_ptr": "*bf16", "z_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16"},
+    {"GROUP_SIZE": 128, "KW": kw, "ROW_TILES": row_tiles, "HAS_BIAS": False, "PDL": True, "LATE_X": late_x,
+     "XM": 16}, ("x_ptr", "qw_ptr", "s_ptr", "z_ptr", "stride_xm", "stride_qn"), num_warps=kw)
 order = re.findall(r"griddepcontrol[.][a-z_]+|ld[.]global[.a-z0-9]*|st[.]global", ptx)
 print(json.dumps({"mma": ptx.count("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"), "order": order[:15],
+                  "mma_wide": wide.asm["ptx"].count("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"),
+                  "row_tiles_wide": row_tiles,
                   "loads": re.findall(r"ld[.]global[.a-z0-9]*", ptx), "cp_async": ptx.count("cp.async"),
                   "barriers": ptx.count("bar.sync"), "shared": compiled.metadata.shared}))
 """
@@ -73,9 +81,9 @@ def test_x_asm_pairs_the_halves_of_two_x_words():
 
 
 def test_direct_kernel_compiles_for_hopper_into_register_loads_and_mma():
-    """Compiled for sm_90 (in a child process: this suite runs Triton's interpreter, which does not compile). The
-    `assert_trivial` conversions of both mma operands are part of the source, so compiling at all means the
-    nibble and x relabelling cost no data movement."""
+    """Compiled for sm_90 (in a child process: this suite runs Triton's interpreter, which does not compile), with
+    one x tile (M <= 8) and two (M = 9-16). The `assert_trivial` conversions of both mma operands are part of the
+    source, so compiling at all means the nibble and x relabelling cost no data movement."""
     import json
 
     done = BACKGROUND["test_direct_kernel_compiles_for_hopper_into_register_loads_and_mma"].result()
@@ -83,6 +91,8 @@ def test_direct_kernel_compiles_for_hopper_into_register_loads_and_mma():
     result = json.loads(done.stdout.strip().splitlines()[-1])
     # the loop's two blocks and the odd last block after it: 8 k-steps each, for Σ (MAGIC + q) x and for Σ x
     assert result["mma"] == 3 * 16
+    # M = 9-16: the same for each 16-row tile and each of the two x tiles of 8 rows
+    assert result["mma_wide"] == 3 * 16 * result["row_tiles_wide"] * 2
     # a block's operands: 16-byte loads, two of weights (rows g and g + 8) and four of x, and one 2-byte load each of
     # the zero point and the scale of each row; four block loads (two before the loop, two in it)
     loads = result["loads"]
@@ -121,13 +131,16 @@ def _reference(x, qweight, scales, zeros, bias, g):
     (1, 4096 + 96, 4096, 128, torch.bfloat16, True), (3, 100, 384, 128, torch.float16, False),
     (8, 4100, 11008, 128, torch.bfloat16, False), (5, 77, 1024, 256, torch.bfloat16, True),
     (2, 33, 128, 128, torch.float16, True), (7, 11008, 4096, 512, torch.float16, False),
+    (16, 4096 + 96, 4096, 128, torch.bfloat16, True), (12, 100, 384, 128, torch.float16, False),
+    (9, 4100, 11008, 128, torch.bfloat16, False), (13, 77, 1024, 256, torch.float16, True),
 ])
 def test_direct_kernel_matches_reference_in_every_config(poison, m, n, k, g, dtype, with_bias):
-    from llmopt.codegen.kernels.w4a16_direct import CONFIGS, linear_w4_direct
+    """Every config first-use tuning may pick for m rows (one x tile up to 8, two from 9 to 16)."""
+    from llmopt.codegen.kernels.w4a16_direct import configs_for, linear_w4_direct
 
     x, qweight, scales, zeros, bias = _inputs(m, n, k, g, dtype, with_bias, seed=m + n)
     ref = _reference(x, qweight, scales, zeros, bias, g)
-    for config in CONFIGS:
+    for config in configs_for(m):
         y = linear_w4_direct(x, qweight, scales, zeros, bias, g, config)
         assert y.shape == (m, n) and y.dtype == dtype
         err = ((y.float() - ref).norm() / ref.norm()).item()
@@ -137,12 +150,12 @@ def test_direct_kernel_matches_reference_in_every_config(poison, m, n, k, g, dty
 
 @pytest.mark.gpu
 @needs_hopper
-@pytest.mark.parametrize("m", [1, 8])
+@pytest.mark.parametrize("m", [1, 8, 16])
 def test_direct_kernel_chain_under_pdl_matches_the_chain_without(m):
     """Six calls, each taking the last one's output as x (4096 x 4096 weights), eager and replayed from a CUDA graph:
     with programmatic dependent launch, bit for bit the chain without it. A call reading x before the previous one
     had written it would differ."""
-    from llmopt.codegen.kernels.w4a16_direct import CONFIGS, linear_w4_direct
+    from llmopt.codegen.kernels.w4a16_direct import configs_for, linear_w4_direct
 
     k = 4096
     layers = [_inputs(1, k, k, 128, torch.bfloat16, False, seed=i)[1:4] for i in range(6)]
@@ -154,7 +167,7 @@ def test_direct_kernel_chain_under_pdl_matches_the_chain_without(m):
             h = linear_w4_direct(h, qweight, scales, zeros, None, 128, config, launch_pdl=launch_pdl)
         return h
 
-    for config in CONFIGS:
+    for config in configs_for(m):
         expected = chain(config, False)
         assert torch.equal(chain(config, True), expected), config
         graph = torch.cuda.CUDAGraph()
@@ -212,8 +225,37 @@ def test_linear_wq_takes_the_direct_kernel_for_decode_rows_only(monkeypatch):
     from llmopt.codegen.kernels import w4a16_direct
 
     assert_linear_wq_routes(monkeypatch, w4a16_direct, "linear_w4_direct",
-                            [(1, 128, 4, True), (8, 256, 3, True), (9, 128, 4, False), (4, 64, 4, False),
+                            [(1, 128, 4, True), (8, 256, 3, True), (17, 128, 4, False), (4, 64, 4, False),
                              (4, 128, 8, False)])
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("triton_fastest", [False, True])
+def test_linear_wq_runs_what_first_use_tuning_picked_at_9_to_16_rows(monkeypatch, triton_fastest):
+    """M = 9-16: first-use tuning times the direct kernel's wide configs beside the Triton kernel; linear_wq then
+    runs the direct kernel exactly when a config of it was the fastest (forced here both ways), and answers right."""
+    from llmopt.codegen.kernels import w4a16_direct, w4a16_gemm
+
+    timed = []
+
+    def pick(linear, configs, *shape):
+        timed.append(list(configs))
+        return None if triton_fastest else configs[0]
+
+    x, qweight, scales, zeros, bias = _inputs(12, 520, 1024, 128, torch.bfloat16, True, seed=12)
+    monkeypatch.setattr(w4a16_direct, "_checked", {(x.device.index, x.dtype): True})  # no first-use check here
+    monkeypatch.setattr(w4a16_direct, "_tuned", {})
+    monkeypatch.setattr(w4a16_direct, "fastest_streaming", pick)
+    calls = []
+    kernel = w4a16_direct.linear_w4_direct
+    monkeypatch.setattr(w4a16_direct, "linear_w4_direct",
+                        lambda *a, **kw: calls.append(a[0].shape) or kernel(*a, **kw))
+    y = w4a16_gemm.linear_wq(x, qweight, scales, zeros, bias, 128, 4)
+    assert timed == [w4a16_direct.WIDE_CONFIGS + [None]]  # the Triton kernel is a candidate
+    assert bool(calls) != triton_fastest
+    ref = torch.ops.llmopt.linear_wq(x, qweight, scales, zeros, bias, 128, 4)
+    assert ((y.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
 
 
 @pytest.mark.gpu
