@@ -267,7 +267,8 @@ def _w4_direct_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, num_kb, s
 CONFIGS = [(8, 1, False), (4, 2, False), (4, 1, False), (2, 1, False), (16, 1, False), (8, 2, False), (8, 1, True)]
 # M = 9-16 (two x tiles): the best three of a sweep on the H100 (session 27); x a block ahead costs too many registers
 WIDE_CONFIGS = [(8, 2, True), (4, 2, True), (8, 1, True)]
-_checked = {}  # (device index, dtype) -> whether the kernel matched the reference on two small odd cases
+_checked = {}  # (device index, dtype) -> whether the kernel matched the reference on a small odd case
+_wide_checked = {}  # the same for two x tiles (M = 9-16), checked apart so that its failure leaves M <= 8 alone
 _tuned = {}  # (device index, dtype, M bucket, N, K, G) -> the fastest config, or None where the Triton kernel was
 
 
@@ -287,9 +288,17 @@ def choose(x: torch.Tensor, qweight: torch.Tensor, group_size: int, bits: int):
 
 
 def _fastest(x: torch.Tensor, n: int, k: int, group_size: int):
-    """The fastest config for x against [n, k] weights, streamed from memory; None: the Triton kernel (M > 8)."""
+    """The fastest config for x against [n, k] weights, streamed from memory; None: the Triton kernel (M > 8: it is
+    timed beside the kernel, and it alone runs where two x tiles failed their first-use check on this device)."""
     if x.shape[0] <= 8:
         return fastest_streaming(linear_w4_direct, CONFIGS, x, n, k, group_size)
+    key = (x.device.index, x.dtype)
+    if key not in _wide_checked:  # frames above passes_first_use_check's as for _matches_reference
+        _wide_checked[key] = matches_reference(lambda *args: linear_w4_direct(*args, WIDE_CONFIGS[0]),
+                                               "direct W4A16 kernel (9-16 rows)", "using the Triton kernel there",
+                                               12, 100, 1024, 256, x.device, x.dtype)
+    if not _wide_checked[key]:
+        return None
     return fastest_streaming(_direct_or_triton, WIDE_CONFIGS + [None], x, n, k, group_size)
 
 
@@ -303,13 +312,9 @@ def _direct_or_triton(x, qweight, scales, zeros, bias, group_size: int, config):
 
 
 def _matches_reference(device: torch.device, dtype: torch.dtype) -> bool:
-    """The kernel on two small odd cases (partial row tile, 3 and 12 rows of x, groups of 256, bias) against the
-    reference."""
-    label, fallback = "direct W4A16 kernel", "using the Triton kernel instead"
-    return (matches_reference(lambda *args: linear_w4_direct(*args, CONFIGS[0]), label, fallback, 3, 100, 1024, 256,
-                              device, dtype)
-            and matches_reference(lambda *args: linear_w4_direct(*args, WIDE_CONFIGS[0]), label, fallback, 12, 100,
-                                  1024, 256, device, dtype))
+    """The kernel on a small odd case (partial row tile, 3 rows of x, groups of 256, bias) against the reference."""
+    return matches_reference(lambda *args: linear_w4_direct(*args, CONFIGS[0]), "direct W4A16 kernel",
+                             "using the Triton kernel instead", 3, 100, 1024, 256, device, dtype)
 
 
 def linear_w4_direct(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bias,

@@ -244,7 +244,9 @@ def test_linear_wq_runs_what_first_use_tuning_picked_at_9_to_16_rows(monkeypatch
         return None if triton_fastest else configs[0]
 
     x, qweight, scales, zeros, bias = _inputs(12, 520, 1024, 128, torch.bfloat16, True, seed=12)
-    monkeypatch.setattr(w4a16_direct, "_checked", {(x.device.index, x.dtype): True})  # no first-use check here
+    checked = {(x.device.index, x.dtype): True}  # no first-use checks here
+    monkeypatch.setattr(w4a16_direct, "_checked", checked)
+    monkeypatch.setattr(w4a16_direct, "_wide_checked", dict(checked))
     monkeypatch.setattr(w4a16_direct, "_tuned", {})
     monkeypatch.setattr(w4a16_direct, "fastest_streaming", pick)
     calls = []
@@ -265,3 +267,37 @@ def test_a_failing_direct_kernel_warns_and_the_triton_kernel_runs(monkeypatch):
 
     assert_failing_kernel_warns_once(monkeypatch, w4a16_direct, "linear_w4_direct", 1,
                                      "direct W4A16 kernel failed .*PassManager::run failed; using the Triton")
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_a_failing_wide_direct_kernel_warns_and_leaves_decode_rows_to_the_direct_kernel(monkeypatch):
+    """Two x tiles failing their first-use check (as on a Triton that cannot compile them): linear_wq warns once,
+    answers 9-16 rows with the Triton kernel, and 1-8 rows still take the direct kernel."""
+    from llmopt.codegen.kernels import w4a16_direct, w4a16_gemm
+
+    kernel = w4a16_direct.linear_w4_direct
+    calls = []
+
+    def wide_broken(x, *args, **kwargs):
+        if x.shape[0] > 8:
+            raise RuntimeError("PassManager::run failed")
+        calls.append(x.shape)
+        return kernel(x, *args, **kwargs)
+
+    monkeypatch.setattr(w4a16_direct, "_checked", {})
+    monkeypatch.setattr(w4a16_direct, "_wide_checked", {})
+    monkeypatch.setattr(w4a16_direct, "_tuned", {})
+    monkeypatch.setattr(w4a16_direct, "linear_w4_direct", wide_broken)
+    for m in (12, 1):
+        x, qweight, scales, zeros, bias = _inputs(m, 256, 512, 128, torch.bfloat16, True, seed=m)
+        ref = torch.ops.llmopt.linear_wq(x, qweight, scales, zeros, bias, 128, 4)
+        if m == 12:
+            with pytest.warns(RuntimeWarning, match="9-16 rows.* failed .*PassManager::run failed; using the Triton"):
+                y = w4a16_gemm.linear_wq(x, qweight, scales, zeros, bias, 128, 4)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # the 1-8 row kernel's own check passes: no warning
+                y = w4a16_gemm.linear_wq(x, qweight, scales, zeros, bias, 128, 4)
+            assert calls and calls[-1] == (1, 512)
+        assert ((y.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
