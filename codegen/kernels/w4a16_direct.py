@@ -227,8 +227,9 @@ def _w4_direct_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, num_kb, s
     acc = gl.zeros([KW, BN, BLOCK_M], gl.float32, acc_layout)  # yᵀ partial sums, one a warp
     fold = (x_ptrs, xk, num_kb, ones)  # _accumulate's arguments after the iteration, up to the layouts
     # two sets of registers (weights, and x unless LATE_X), each reloaded right after its block is used, so a load has
-    # a block of work to arrive in (x, from L2, none where LATE_X); the loop is unrolled twice (no copies between the sets), an odd last block follows it; blocks past the end (the
-    # last warps' last, where KW does not divide the blocks) add 0
+    # a block of work to arrive in (x, from L2, none where LATE_X); the loop is unrolled twice (no copies between the
+    # sets), an odd last block follows it; blocks past the end (the last warps' last, where KW does not divide the
+    # blocks) add 0
     n_it = gl.cdiv(num_kb, KW)  # blocks a warp
     # the first blocks' weights, zero points and scales: constants no kernel writes (pdl.py), so they are asked for
     # before the wait and arrive while the previous kernel finishes; x, its output, only after it
