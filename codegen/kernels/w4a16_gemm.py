@@ -276,7 +276,7 @@ def _wq_kernel(
         arrived = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel", scope="gpu")
         if arrived == SPLIT_K - 1:
             acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-            for sk in range(SPLIT_K):
+            for sk in tl.static_range(SPLIT_K):  # unrolled, so every partial's load is in flight at once
                 acc += tl.load(ws_tile + sk * M * N, mask=mask, other=0.0, cache_modifier=".cg")
             tl.atomic_xchg(count_ptr + pid, 0)  # zero again for the next call
             _store_output(y_ptr, bias_ptr, acc, offs_m, offs_n, rows, mask, stride_ym, HAS_BIAS)

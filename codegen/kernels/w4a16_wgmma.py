@@ -234,7 +234,7 @@ def _w4_wgmma_kernel(x_desc, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_p
         arrived = gl.atomic_add(count_ptr + pid, 1, sem="acq_rel", scope="gpu")
         if arrived == SPLIT_K - 1:
             acc = gl.zeros([BN, BM], gl.float32, acc_layout)
-            for sk in range(SPLIT_K):
+            for sk in gl.static_range(SPLIT_K):  # unrolled, so every partial's load is in flight at once
                 acc += gl.load(ws_tile + sk * M * N, mask=mask, other=0.0, cache_modifier=".cg")
             gl.atomic_xchg(count_ptr + pid, 0)  # zero again for the next call
             _store(y_ptr, b_ptr, acc, offs_m, offs_n, N, mask, stride_ym, HAS_BIAS)

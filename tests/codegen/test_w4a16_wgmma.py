@@ -91,6 +91,9 @@ def test_wgmma_kernel_compiles_for_hopper_with_weights_in_registers():
     # the weights: two 16-byte loads a block (rows g and g + 8) for four block loads (two before the loop, two in
     # it); their zero point and scale, two rows a block, and the bias; x never passes through registers
     assert loads["ld.global.v4.b32"] == 4 * 2 and loads["ld.global.b16"] == 4 * 4 + 2, loads
+    # the last split to arrive reads both partials [64, 64] fp32 at once (unrolled: 32 loads a thread each), not one
+    # partial's round trip after the other
+    assert loads["ld.global.cg.b32"] == 2 * 32, loads
     # x comes by TMA: STAGES loads before the loop, one a block in it; the weights' transpose is four shuffles a row
     # and block; the threads store nothing to shared memory but the split-K counter's answer
     assert result["tma"] == 4 + 2 and result["shuffles"] == 2 * 2 * 4 and result["cp_async"] == result["tma"]
