@@ -33,9 +33,9 @@ offset):
 x and scales (zeros too, when they leave the tile) are loaded an iteration ahead; the weight tiles
 are pipelined by the compiler (cp.async, num_stages deep); SUB = 2 takes two blocks per iteration.
 Split-K (SPLIT_K > 1): the last program of an output tile (an atomic counter that resets
-itself) sums the fp32 partials, all loads at once (unrolled), so a call is a single launch. Two autotuners share the kernel:
-`_wq_gemv_kernel` for M <= 16 and `_wq_gemm_kernel` for 16 < M <= FUSED_MAX_M, keyed on (M bucket, N, K, group
-size) and the GPU; they choose among these variants per shape.
+itself) sums the fp32 partials, all loads at once (unrolled), so a call is a single launch. Two autotuners share
+the kernel: `_wq_gemv_kernel` for M <= 16 and `_wq_gemm_kernel` for 16 < M <= FUSED_MAX_M, keyed on (M bucket,
+N, K, group size) and the GPU; they choose among these variants per shape.
 """
 from typing import Optional
 
