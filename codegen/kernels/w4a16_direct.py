@@ -267,8 +267,8 @@ def _w4_direct_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, num_kb, s
 CONFIGS = [(8, 1, False), (4, 2, False), (4, 1, False), (2, 1, False), (16, 1, False), (8, 2, False), (8, 1, True)]
 # M = 9-16 (two x tiles): the best three of a sweep on the H100 (session 27); x a block ahead costs too many registers
 WIDE_CONFIGS = [(8, 2, True), (4, 2, True), (8, 1, True)]
-_checked = {}  # (device index, dtype) -> whether the kernel matched the reference on a small odd case
-_wide_checked = {}  # the same for two x tiles (M = 9-16), checked apart so that its failure leaves M <= 8 alone
+_checked = {}  # (device index, dtype) -> whether one x tile (M <= 8) matched the reference on a small odd case
+_wide_checked = {}  # the same for two x tiles (M = 9-16)
 _tuned = {}  # (device index, dtype, M bucket, N, K, G) -> the fastest config, or None where the Triton kernel was
 
 
@@ -280,25 +280,24 @@ def configs_for(m: int) -> list:
 def choose(x: torch.Tensor, qweight: torch.Tensor, group_size: int, bits: int):
     """x: [M, K] contiguous, qweight: [N, K // 2] contiguous -> the (KW, ROW_TILES, LATE_X) config to run
     this kernel with, or None for the Triton kernel. The first call per device and dtype checks the kernel (Gluon's
-    API moves between Triton releases: a failure to compile or a wrong result warns and turns it off); the first call
-    per shape times `configs_for(M)` and keeps the fastest (`w4a16_first_use.py`); at M = 9-16, where the Triton
-    kernel won at some shapes (session 27), it is timed beside them and None is kept when it is the fastest."""
-    return first_use_config(x, qweight, group_size, bits, range(1, MAX_M + 1), _checked, _tuned, _matches_reference,
-                            _fastest)
-
-
-def _fastest(x: torch.Tensor, n: int, k: int, group_size: int):
-    """The fastest config for x against [n, k] weights, streamed from memory; None: the Triton kernel (M > 8: it is
-    timed beside the kernel, and it alone runs where two x tiles failed their first-use check on this device)."""
+    API moves between Triton releases: a failure to compile or a wrong result warns and turns it off), one x tile
+    (M <= 8) and two (M = 9-16) apart, so that one failing leaves the other; the first call per shape times
+    `configs_for(M)` and keeps the fastest (`w4a16_first_use.py`); at M = 9-16, where the Triton kernel won at some
+    shapes (session 27), it is timed beside them and None is kept when it is the fastest."""
     if x.shape[0] <= 8:
-        return fastest_streaming(linear_w4_direct, CONFIGS, x, n, k, group_size)
-    key = (x.device.index, x.dtype)
-    if key not in _wide_checked:  # frames above passes_first_use_check's as for _matches_reference
-        _wide_checked[key] = matches_reference(lambda *args: linear_w4_direct(*args, WIDE_CONFIGS[0]),
-                                               "direct W4A16 kernel (9-16 rows)", "using the Triton kernel there",
-                                               12, 100, 1024, 256, x.device, x.dtype)
-    if not _wide_checked[key]:
-        return None
+        return first_use_config(x, qweight, group_size, bits, range(1, 9), _checked, _tuned, _matches_reference,
+                                _fastest_narrow)
+    return first_use_config(x, qweight, group_size, bits, range(9, MAX_M + 1), _wide_checked, _tuned,
+                            _wide_matches_reference, _fastest_wide)
+
+
+def _fastest_narrow(x: torch.Tensor, n: int, k: int, group_size: int):
+    """M <= 8: the fastest of `CONFIGS` for x against [n, k] weights, streamed from memory."""
+    return fastest_streaming(linear_w4_direct, CONFIGS, x, n, k, group_size)
+
+
+def _fastest_wide(x: torch.Tensor, n: int, k: int, group_size: int):
+    """M = 9-16: the fastest of `WIDE_CONFIGS` and the Triton kernel (None) for x against [n, k] weights."""
     return fastest_streaming(_direct_or_triton, WIDE_CONFIGS + [None], x, n, k, group_size)
 
 
@@ -312,9 +311,16 @@ def _direct_or_triton(x, qweight, scales, zeros, bias, group_size: int, config):
 
 
 def _matches_reference(device: torch.device, dtype: torch.dtype) -> bool:
-    """The kernel on a small odd case (partial row tile, 3 rows of x, groups of 256, bias) against the reference."""
+    """One x tile on a small odd case (partial row tile, 3 rows of x, groups of 256, bias) against the reference."""
     return matches_reference(lambda *args: linear_w4_direct(*args, CONFIGS[0]), "direct W4A16 kernel",
                              "using the Triton kernel instead", 3, 100, 1024, 256, device, dtype)
+
+
+def _wide_matches_reference(device: torch.device, dtype: torch.dtype) -> bool:
+    """Two x tiles on the same case with 12 rows of x."""
+    return matches_reference(lambda *args: linear_w4_direct(*args, WIDE_CONFIGS[0]),
+                             "direct W4A16 kernel (9-16 rows)", "using the Triton kernel there", 12, 100, 1024, 256,
+                             device, dtype)
 
 
 def linear_w4_direct(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bias,

@@ -271,16 +271,18 @@ def test_a_failing_direct_kernel_warns_and_the_triton_kernel_runs(monkeypatch):
 
 @pytest.mark.gpu
 @needs_hopper
-def test_a_failing_wide_direct_kernel_warns_and_leaves_decode_rows_to_the_direct_kernel(monkeypatch):
-    """Two x tiles failing their first-use check (as on a Triton that cannot compile them): linear_wq warns once,
-    answers 9-16 rows with the Triton kernel, and 1-8 rows still take the direct kernel."""
+@pytest.mark.parametrize("broken_tiles", [1, 2])
+def test_a_failing_x_tile_count_warns_and_leaves_the_other_to_the_direct_kernel(monkeypatch, broken_tiles):
+    """One x tile (M <= 8) or two (M = 9-16) failing their first-use check (as on a Triton that cannot compile them):
+    linear_wq warns once, answers those rows with the Triton kernel, and the other rows still take the direct kernel,
+    whichever comes first."""
     from llmopt.codegen.kernels import w4a16_direct, w4a16_gemm
 
     kernel = w4a16_direct.linear_w4_direct
     calls = []
 
-    def wide_broken(x, *args, **kwargs):
-        if x.shape[0] > 8:
+    def half_broken(x, *args, **kwargs):
+        if (x.shape[0] > 8) == (broken_tiles == 2):
             raise RuntimeError("PassManager::run failed")
         calls.append(x.shape)
         return kernel(x, *args, **kwargs)
@@ -288,16 +290,20 @@ def test_a_failing_wide_direct_kernel_warns_and_leaves_decode_rows_to_the_direct
     monkeypatch.setattr(w4a16_direct, "_checked", {})
     monkeypatch.setattr(w4a16_direct, "_wide_checked", {})
     monkeypatch.setattr(w4a16_direct, "_tuned", {})
-    monkeypatch.setattr(w4a16_direct, "linear_w4_direct", wide_broken)
-    for m in (12, 1):
+    monkeypatch.setattr(w4a16_direct, "linear_w4_direct", half_broken)
+    monkeypatch.setattr(w4a16_direct, "fastest_streaming", lambda linear, configs, *shape: configs[0])
+    broken_m, working_m = (12, 1) if broken_tiles == 2 else (1, 12)
+    label = "9-16 rows.* failed" if broken_tiles == 2 else "direct W4A16 kernel failed"
+    for m in (broken_m, working_m):
         x, qweight, scales, zeros, bias = _inputs(m, 256, 512, 128, torch.bfloat16, True, seed=m)
         ref = torch.ops.llmopt.linear_wq(x, qweight, scales, zeros, bias, 128, 4)
-        if m == 12:
-            with pytest.warns(RuntimeWarning, match="9-16 rows.* failed .*PassManager::run failed; using the Triton"):
+        if m == broken_m:
+            with pytest.warns(RuntimeWarning, match=label + " .*PassManager::run failed; using the Triton"):
                 y = w4a16_gemm.linear_wq(x, qweight, scales, zeros, bias, 128, 4)
+            assert not calls
         else:
             with warnings.catch_warnings():
-                warnings.simplefilter("error")  # the 1-8 row kernel's own check passes: no warning
+                warnings.simplefilter("error")  # the other tile count's own check passes: no warning
                 y = w4a16_gemm.linear_wq(x, qweight, scales, zeros, bias, 128, 4)
-            assert calls and calls[-1] == (1, 512)
+            assert calls[-1] == (working_m, 512)  # after its own check, the call itself took the direct kernel
         assert ((y.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
