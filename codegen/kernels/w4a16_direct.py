@@ -1,13 +1,13 @@
-"""Weight-only 4-bit linear for decode (M <= 8) in Gluon: weights go from global memory straight into mma registers.
+"""Weight-only 4-bit linear for decode (M <= 16) in Gluon: weights go from global memory straight into mma registers.
 
 Entry points: `linear_w4_direct(x [M, K] bf16/fp16, qweight [N, K // 2] uint8, scales [N, K // G], zeros, bias,
 group_size, config=None) -> y [M, N]`, and `choose(x, qweight, group_size, bits) -> config | None`, which
-`linear_wq` asks first: None means "use the Triton kernel" (another GPU than sm_90, another dtype or width, M > 8,
-misaligned operands, or this kernel failed its one-time check on this Triton). Weights are 4-bit (or 3-bit, in
-4-bit slots) in the canonical layout (`llmopt/ops/linear_wq.py`: even k in the low nibble), G a power of two
->= 128. Same function as `torch.ops.llmopt.linear_wq` up to fp32 rounding: per 128-k block the tensor cores sum
-(MAGIC + q) * x and, in a second product with a tile of ones, Σ x; the block adds s * (that - (MAGIC + z) Σ x)
-in fp32 (the reference rounds (q - z) * s to 16 bits first, then sums).
+`linear_wq` asks first: None means "use the Triton kernel" (another GPU than sm_90, another dtype or width, M > 16,
+misaligned operands, this kernel failed its one-time check on this Triton, or, at M = 9-16, the Triton kernel timed
+faster). Weights are 4-bit (or 3-bit, in 4-bit slots) in the canonical layout (`llmopt/ops/linear_wq.py`: even k in
+the low nibble), G a power of two >= 128. Same function as `torch.ops.llmopt.linear_wq` up to fp32 rounding: per
+128-k block the tensor cores sum (MAGIC + q) * x and, in a second product with a tile of ones, Σ x; the block adds
+s * (that - (MAGIC + z) Σ x) in fp32 (the reference rounds (q - z) * s to 16 bits first, then sums).
 
 Why a second kernel beside `w4a16_gemm.py`'s: a decode GEMV has only to stream the weight bytes, so what counts
 is how many are in flight and how little stands between a load and its use. Here no shared memory and no layout
@@ -57,7 +57,8 @@ from llmopt.codegen.kernels import pdl, pdl_gluon
 from llmopt.codegen.kernels.w4a16_first_use import TILE_K, fastest_streaming, first_use_config, matches_reference
 
 BLOCK_K = gl.constexpr(TILE_K)
-MAX_M = 16  # x rows: one mma n-tile of 8 up to M = 8, two above
+X_TILE = 8  # x rows an mma n-tile takes
+MAX_M = 2 * X_TILE  # x rows: one n-tile up to M = 8, two above
 
 
 @gluon.constexpr_function
@@ -274,7 +275,7 @@ _tuned = {}  # (device index, dtype, M bucket, N, K, G) -> the fastest config, o
 
 def configs_for(m: int) -> list:
     """The configs first-use tuning times for m rows of x (M <= 16)."""
-    return CONFIGS if m <= 8 else WIDE_CONFIGS
+    return CONFIGS if m <= X_TILE else WIDE_CONFIGS
 
 
 def choose(x: torch.Tensor, qweight: torch.Tensor, group_size: int, bits: int):
@@ -284,10 +285,10 @@ def choose(x: torch.Tensor, qweight: torch.Tensor, group_size: int, bits: int):
     (M <= 8) and two (M = 9-16) apart, so that one failing leaves the other; the first call per shape times
     `configs_for(M)` and keeps the fastest (`w4a16_first_use.py`); at M = 9-16, where the Triton kernel won at some
     shapes (session 27), it is timed beside them and None is kept when it is the fastest."""
-    if x.shape[0] <= 8:
-        return first_use_config(x, qweight, group_size, bits, range(1, 9), _checked, _tuned, _matches_reference,
-                                _fastest_narrow)
-    return first_use_config(x, qweight, group_size, bits, range(9, MAX_M + 1), _wide_checked, _tuned,
+    if x.shape[0] <= X_TILE:
+        return first_use_config(x, qweight, group_size, bits, range(1, X_TILE + 1), _checked, _tuned,
+                                _matches_reference, _fastest_narrow)
+    return first_use_config(x, qweight, group_size, bits, range(X_TILE + 1, MAX_M + 1), _wide_checked, _tuned,
                             _wide_matches_reference, _fastest_wide)
 
 
@@ -340,6 +341,6 @@ def linear_w4_direct(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
         x, qweight, scales, zeros, bias if bias is not None else scales, y,
         m, n, k // TILE_K, x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
         GROUP_SIZE=group_size, KW=kw, ROW_TILES=row_tiles, HAS_BIAS=bias is not None, PDL=launch_pdl,
-        LATE_X=late_x, XM=8 if m <= 8 else 16, num_warps=kw, launch_pdl=launch_pdl,
+        LATE_X=late_x, XM=X_TILE if m <= X_TILE else MAX_M, num_warps=kw, launch_pdl=launch_pdl,
     )
     return y
