@@ -282,7 +282,7 @@ def test_a_failing_x_tile_count_warns_and_leaves_the_other_to_the_direct_kernel(
     calls = []
 
     def half_broken(x, *args, **kwargs):
-        if (x.shape[0] > 8) == (broken_tiles == 2):
+        if (x.shape[0] > w4a16_direct.X_TILE) == (broken_tiles == 2):
             raise RuntimeError("PassManager::run failed")
         calls.append(x.shape)
         return kernel(x, *args, **kwargs)
