@@ -1,5 +1,6 @@
 """One-token steps of a lowered model on the GPU, replayed from CUDA graphs: W4A16 against bf16, and programmatic
-dependent launch (PDL) on and off, in the same run.
+dependent launch (PDL) on and off, and W4A16 with its sibling linears merged (q/k/v, gate/up: one linear each,
+`codegen/concat_linears.py`) or apart, in the same run.
 
 Entry point: `python benchmarks/bench_decode_step.py [--layers 8] [--batch 1,16]`. A Llama-2-7B-shaped model (random
 weights, bf16, `--layers` of its 32 layers) is compiled with backend="triton" twice: bf16 (FuseAttention) and RTN
@@ -9,7 +10,7 @@ step's linears, norms and pointwise kernels, every linear at M = B. The step is 
 as its replays (events, warm-up, median), as a serving runtime replays decode steps. PDL (`codegen/kernels/pdl.py`)
 lets each kernel start while the one before it finishes; `LLMOPT_PDL=0` turns it off at capture. The lm_head
 (32000 x 4096, bf16 in both models) is part of every step.
-Prints a table of µs a step, the speed-up over bf16 and PDL's gain.
+Prints a table of µs a step, the speed-up over bf16, PDL's gain and the merge's gain (apart / merged).
 """
 import argparse
 import os
@@ -45,18 +46,20 @@ def run(args) -> list:
     bf16 = lower(llmopt.compile(model, passes=[P.FuseAttention()], backend="triton").program, cuda_graphs=False)
     w4 = lower(llmopt.compile(model, passes=[P.RTN(bits=4, group_size=128), P.FuseAttention()],
                               backend="triton").program, cuda_graphs=False)
+    w4_apart = lower(w4.program, cuda_graphs=False, concat_linears=False)  # q/k/v, gate/up: a linear each
+    models = {"bf16": bf16, "W4A16": w4, "W4A16 siblings apart": w4_apart}
     rows = []
     for batch in args.batch:
         ids = torch.randint(0, 32000, (batch, 1), device="cuda")  # ids: [B, 1]
         with torch.no_grad():
             agreement = torch.nn.functional.cosine_similarity(bf16(ids).float().flatten(), w4(ids).float().flatten(), 0)
         print(f"batch {batch}: W4A16 vs bf16 logits, cosine similarity {agreement.item():.4f}", flush=True)
-        times = {(name, pdl): step_us(lowered, ids, pdl) for name, lowered in (("bf16", bf16), ("W4A16", w4))
-                 for pdl in (False, True)}
+        times = {(name, pdl): step_us(lowered, ids, pdl) for name, lowered in models.items() for pdl in (False, True)}
         for (name, pdl), us in times.items():
             rows.append({"batch": batch, "model": f"llmopt {name}", "PDL": "on" if pdl else "off", "µs a step": us,
                          "speed-up vs bf16 without PDL": times["bf16", False] / us,
-                         "PDL gain": times[name, False] / us if pdl else ""})
+                         "PDL gain": times[name, False] / us if pdl else "",
+                         "merge gain": times["W4A16 siblings apart", pdl] / us if name == "W4A16" else ""})
     return rows
 
 
@@ -70,7 +73,7 @@ def main():
     print(header(ceilings))
     rows = run(args)
     print_table(f"One-token step, Llama-2-7B shape ({args.layers} of 32 layers), CUDA graph replays",
-                ["batch", "model", "PDL", "µs a step", "speed-up vs bf16 without PDL", "PDL gain"], rows)
+                ["batch", "model", "PDL", "µs a step", "speed-up vs bf16 without PDL", "PDL gain", "merge gain"], rows)
 
 
 if __name__ == "__main__":

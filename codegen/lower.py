@@ -3,7 +3,9 @@
 Entry point: `lower(program) -> LoweredProgram`, a callable `(input_ids [B, T], position_ids=None)
 -> logits [B, T, V]` that `llmopt.compile(..., backend="triton")` returns inside its CompiledModel.
 
-The Program itself is not changed: lowering copies its graph (sharing the weights) and swaps targets:
+The Program's function is not changed: lowering copies its graph (sharing the weights) and swaps targets:
+- quantized linears reading one value (q/k/v, gate/up) -> one linear over their concatenated rows, sliced
+  (`llmopt.codegen.concat_linears`; the Program's weights become views of the concatenated ones),
 - `llmopt.linear_w8a8` -> one activation quantization per input (shared by q/k/v, by gate/up), which
   generated kernels fuse into the RMSNorm or SiLU·mul making the input, and the int8 tensor-core GEMM
   template per linear (scales and bias in the epilogue) (`llmopt.codegen.quantize_inputs`),
@@ -53,12 +55,12 @@ def _templates(causal_positions: bool) -> dict:
 class LoweredProgram:
     """The Program's graph with Triton kernels in place of reference ops; see the module docstring."""
 
-    def __init__(self, program, fuse: bool = True, cuda_graphs: bool = True):
+    def __init__(self, program, fuse: bool = True, cuda_graphs: bool = True, concat_linears: bool = True):
         from llmopt.runtime.cuda_graphs import GraphCache
 
         self.program = program
-        self.causal_gm = _lowered_graph(program, causal_positions=True, fuse=fuse)
-        self.general_gm = _lowered_graph(program, causal_positions=False, fuse=fuse)
+        self.causal_gm = _lowered_graph(program, causal_positions=True, fuse=fuse, concat=concat_linears)
+        self.general_gm = _lowered_graph(program, causal_positions=False, fuse=fuse, concat=concat_linears)
         self.sparse = use_semi_structured(program, [self.causal_gm, self.general_gm])  # 2:4 linears (codegen/sparse.py)
         self.graphs = GraphCache(self._run) if cuda_graphs else None  # repeated shapes replay (runtime/cuda_graphs.py)
 
@@ -80,8 +82,10 @@ class LoweredProgram:
         return dump_kernels(self.program, directory)
 
 
-def lower(program, fuse: bool = True, cuda_graphs: bool = True) -> LoweredProgram:
-    return LoweredProgram(program, fuse=fuse, cuda_graphs=cuda_graphs)
+def lower(program, fuse: bool = True, cuda_graphs: bool = True, concat_linears: bool = True) -> LoweredProgram:
+    """fuse: generated kernels for fusion groups; cuda_graphs: replay repeated shapes; concat_linears: merge
+    sibling quantized linears (see the module docstring)."""
+    return LoweredProgram(program, fuse=fuse, cuda_graphs=cuda_graphs, concat_linears=concat_linears)
 
 
 def dump_kernels(program, directory) -> list:
@@ -92,15 +96,20 @@ def dump_kernels(program, directory) -> list:
     return fusion.dump_kernels(_lowered_graph(program, causal_positions=True, fuse=False, generated=True), directory)
 
 
-def _lowered_graph(program, causal_positions: bool, fuse: bool, generated: bool = None) -> GraphModule:
+def _lowered_graph(program, causal_positions: bool, fuse: bool, generated: bool = None,
+                   concat: bool = True) -> GraphModule:
     """The lowered graph, its fusion groups as generated kernels when `fuse`; `generated` (default:
-    `fuse`) writes activation quantization as ATen ops for the fusion partitioner to take."""
+    `fuse`) writes activation quantization as ATen ops for the fusion partitioner to take; `concat` merges
+    sibling quantized linears."""
+    from llmopt.codegen.concat_linears import concat_sibling_linears
     from llmopt.codegen.quantize_inputs import split_w8a8
 
     graph = torch.fx.Graph()
     out = graph.graph_copy(program.graph, {})
     graph.output(out)
     gm = GraphModule(program.gm, graph)  # shares the Program's weights
+    if concat:
+        concat_sibling_linears(gm, program.gm)
     templates = _templates(causal_positions)
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in templates:
