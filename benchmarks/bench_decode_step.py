@@ -1,15 +1,16 @@
 """One-token steps of a lowered model on the GPU, replayed from CUDA graphs: W4A16 against bf16, and programmatic
-dependent launch (PDL) on and off, and W4A16 with its sibling linears merged (q/k/v, gate/up: one linear each,
-`codegen/concat_linears.py`) or apart, in the same run.
+dependent launch (PDL) on and off, and W4A16 and W8A8 with their sibling linears merged (q/k/v, gate/up: one linear
+each, `codegen/concat_linears.py`) or apart, in the same run.
 
 Entry point: `python benchmarks/bench_decode_step.py [--layers 8] [--batch 1,16]`. A Llama-2-7B-shaped model (random
-weights, bf16, `--layers` of its 32 layers) is compiled with backend="triton" twice: bf16 (FuseAttention) and RTN
-w4g128 (weight-only int4, the format AWQ also produces). For each B of `--batch`, each runs a step of B sequences
+weights, bf16, `--layers` of its 32 layers) is lowered for the GPU as bf16 (FuseAttention), RTN w4g128 (weight-only
+int4, the format AWQ also produces) and SmoothQuant W8A8 (alpha 0.5, per-token activations), the quantized two with
+their sibling linears merged and apart. For each B of `--batch`, each runs a step of B sequences
 of one token, with no KV cache: llmopt's lowered program recomputes its input, so a one-token input is the decode
 step's linears, norms and pointwise kernels, every linear at M = B. The step is captured in one CUDA graph and timed
 as its replays (events, warm-up, median), as a serving runtime replays decode steps. PDL (`codegen/kernels/pdl.py`)
 lets each kernel start while the one before it finishes; `LLMOPT_PDL=0` turns it off at capture. The lm_head
-(32000 x 4096, bf16 in both models) is part of every step.
+(32000 x 4096, bf16 in every model) is part of every step.
 Prints a table of µs a step, the speed-up over bf16, PDL's gain and the merge's gain (apart / merged).
 """
 import argparse
@@ -44,22 +45,28 @@ def run(args) -> list:
 
     model = build_llama_7b_shape(args.layers)
     bf16 = lower(llmopt.compile(model, passes=[P.FuseAttention()], backend="triton").program, cuda_graphs=False)
-    w4 = lower(llmopt.compile(model, passes=[P.RTN(bits=4, group_size=128), P.FuseAttention()],
-                              backend="triton").program, cuda_graphs=False)
-    w4_apart = lower(w4.program, cuda_graphs=False, concat_linears=False)  # q/k/v, gate/up: a linear each
-    models = {"bf16": bf16, "W4A16": w4, "W4A16 siblings apart": w4_apart}
+    calibration = torch.randint(0, 32000, (4, 128), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    models = {"bf16": bf16}
+    for name, recipe in (("W4A16", P.RTN(bits=4, group_size=128)), ("W8A8", P.SmoothQuant(alpha=0.5))):
+        program = llmopt.compile(model, passes=[recipe, P.FuseAttention()], calibration=calibration,
+                                 backend="torch").program
+        models[name] = lower(program, cuda_graphs=False)
+        models[f"{name} siblings apart"] = lower(program, cuda_graphs=False, concat_linears=False)  # q/k/v, gate/up
     rows = []
     for batch in args.batch:
         ids = torch.randint(0, 32000, (batch, 1), device="cuda")  # ids: [B, 1]
         with torch.no_grad():
-            agreement = torch.nn.functional.cosine_similarity(bf16(ids).float().flatten(), w4(ids).float().flatten(), 0)
-        print(f"batch {batch}: W4A16 vs bf16 logits, cosine similarity {agreement.item():.4f}", flush=True)
+            want = bf16(ids).float().flatten()
+            for name in ("W4A16", "W8A8"):
+                agreement = torch.nn.functional.cosine_similarity(want, models[name](ids).float().flatten(), 0)
+                print(f"batch {batch}: {name} vs bf16 logits, cosine similarity {agreement.item():.4f}", flush=True)
         times = {(name, pdl): step_us(lowered, ids, pdl) for name, lowered in models.items() for pdl in (False, True)}
         for (name, pdl), us in times.items():
+            apart = times.get((f"{name} siblings apart", pdl))
             rows.append({"batch": batch, "model": f"llmopt {name}", "PDL": "on" if pdl else "off", "µs a step": us,
                          "speed-up vs bf16 without PDL": times["bf16", False] / us,
                          "PDL gain": times[name, False] / us if pdl else "",
-                         "merge gain": times["W4A16 siblings apart", pdl] / us if name == "W4A16" else ""})
+                         "merge gain": apart / us if apart else ""})
     return rows
 
 
