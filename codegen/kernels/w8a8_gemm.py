@@ -18,9 +18,14 @@ Two GEMM kernels, one epilogue (`_scaled`):
   or two programs per SM by config, walking output tiles in grouped order), A and B tiles loaded by TMA through
   host-side tensor descriptors, the residual loaded and the output stored by TMA. TMA zero-fills
   reads past M and K and clips writes past M and N, so there are no masks but the scales';
-- `_w8a8_gemm_pointer_kernel`, everywhere else (fewer rows, other GPUs, unaligned shapes, the
-  Triton interpreter): one program per tile, pointer loads.
-Both are autotuned per (M bucket, N, K) and GPU.
+- `_w8a8_pointer_kernel`, everywhere else (fewer rows, other GPUs, unaligned shapes, the
+  Triton interpreter): one program per tile, pointer loads. Two autotuners share it:
+  `_w8a8_gemm_pointer_kernel` (tiles of 32-256 rows) and, up to DECODE_MAX_M rows, `_w8a8_gemv_kernel`:
+  16-row tiles with K split over programs (SPLIT_K), so that a decode GEMV has enough programs to keep its
+  weight loads in flight (a 4096-wide linear got 64 programs at M = 1 from the prefill tiles). The last
+  program of a tile to arrive (an atomic counter that resets itself, `split_k.py`) adds the int32 partials,
+  exactly, so every split gives the same bits, and runs the epilogue: one launch a call.
+All are autotuned per (M bucket, N, K) and GPU.
 """
 from typing import Optional
 
@@ -30,23 +35,39 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from llmopt.codegen.kernels.quantize_rows import quantize_rows
+from llmopt.codegen.kernels.split_k import arrival_counters
 from llmopt.codegen.kernels.tuning import quick_bench
 
 _INTERPRET = triton.knobs.runtime.interpret
+DECODE_MAX_M = 16  # up to here the pointer kernel runs 16-row tiles with split K (`_decode_configs`)
 
 
 def _pointer_configs():
     if _INTERPRET:  # one small config: the interpreter runs each program in Python
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
+        return [_pointer_config(32, 32, 32, 4, 1, group_m=4)]
     shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
         (128, 256, 128, 8, 3), (256, 128, 128, 8, 3), (128, 256, 128, 8, 4), (256, 128, 128, 8, 4),
         (128, 128, 128, 8, 4), (128, 128, 128, 4, 4), (128, 256, 64, 8, 4), (128, 128, 256, 8, 3),
         (64, 128, 128, 4, 4), (64, 64, 128, 4, 4), (32, 64, 256, 4, 3),
     ]
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
-        for m, n, k, w, s in shapes
+    return [_pointer_config(*shape) for shape in shapes]
+
+
+def _decode_configs():
+    """M <= DECODE_MAX_M: 16-row tiles and split K, so that a GEMV has enough programs to keep many weight loads in
+    flight (the prefill tiles above gave a 4096-wide linear 64 programs at M = 1)."""
+    if _INTERPRET:  # split in two, to run the reduction
+        return [_pointer_config(16, 32, 32, 4, 1, split_k=2)]
+    shapes = [  # (BLOCK_N, BLOCK_K, warps, stages, SPLIT_K)
+        (64, 256, 4, 3, 1), (64, 256, 4, 3, 2), (64, 256, 4, 3, 4), (64, 128, 4, 4, 8), (128, 256, 4, 3, 2),
+        (128, 256, 4, 3, 4), (128, 128, 4, 4, 4), (128, 128, 4, 4, 8), (32, 256, 4, 3, 4), (256, 128, 8, 3, 4),
     ]
+    return [_pointer_config(DECODE_MAX_M, n, k, w, s, split_k=split) for n, k, w, s, split in shapes]
+
+
+def _pointer_config(bm, bn, bk, warps, stages, group_m=8, split_k=1):
+    meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m, "SPLIT_K": split_k}
+    return triton.Config(meta, num_warps=warps, num_stages=stages)
 
 
 def _set_block_shapes(nargs):
@@ -184,13 +205,9 @@ def _w8a8_gemm_kernel(
                         HAS_BIAS, HAS_RESIDUAL, BLOCK_M, BLOCK_N)
 
 
-@triton.autotune(
-    configs=_pointer_configs(), key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune},
-    do_bench=quick_bench, cache_results=True,
-)
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
-def _w8a8_gemm_pointer_kernel(
+def _w8a8_pointer_kernel(
     # int8 operands
     a_ptr,  # a: [M, K] int8, quantized activations
     b_ptr,  # b: [N, K] int8, weight
@@ -200,6 +217,8 @@ def _w8a8_gemm_pointer_kernel(
     bias_ptr,  # bias: [N], read if HAS_BIAS
     res_ptr,  # res: [M, N], read if HAS_RESIDUAL
     c_ptr,  # c: [M, N] output in the activation dtype
+    ws_ptr,  # ws: [SPLIT_K, M, N] int32 partial sums (SPLIT_K > 1)
+    count_ptr,  # count: [number of output tiles] int32, zero between calls (SPLIT_K > 1)
     # sizes and strides (inner strides are 1)
     M, N, K,
     M_BUCKET,  # autotuning key only
@@ -207,33 +226,69 @@ def _w8a8_gemm_pointer_kernel(
     # meta-parameters
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
-    pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    tile = tl.program_id(0)
+    pid_m, pid_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
+    # split-K: program_id(1) takes a run of K blocks
+    num_kb = tl.cdiv(K, BLOCK_K)
+    kb_per_split = tl.cdiv(num_kb, SPLIT_K)
+    k_begin = tl.program_id(1) * kb_per_split * BLOCK_K
+    k_end = min(K, k_begin + kb_per_split * BLOCK_K)
+    offs_k = k_begin + tl.arange(0, BLOCK_K)
     rows = offs_m % M  # wrapped so every operand load is in bounds; the epilogue masks the extra rows
     cols = offs_n % N
     a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
     b_ptrs = b_ptr + cols[None, :] * stride_bn + offs_k[:, None]  # [BLOCK_K, BLOCK_N], a view of Wᵀ
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_begin, k_end, BLOCK_K):
         if EVEN_K:
             a = tl.load(a_ptrs)
             b = tl.load(b_ptrs)
         else:
-            a = tl.load(a_ptrs, mask=offs_k[None, :] < K - k0, other=0)
-            b = tl.load(b_ptrs, mask=offs_k[:, None] < K - k0, other=0)
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < K - (k0 - k_begin), other=0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < K - (k0 - k_begin), other=0)
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
 
-    y = _scaled(acc, offs_m, offs_n, M, N, sa_ptr, stride_sam, sb_ptr, bias_ptr, HAS_BIAS)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if SPLIT_K > 1:  # publish the partial sum; the tile's last split to arrive adds them all (int32: exact)
+        ws_tile = ws_ptr + offs_m[:, None] * N + offs_n[None, :]  # [BLOCK_M, BLOCK_N]
+        tl.store(ws_tile + tl.program_id(1) * M * N, acc, mask=mask)
+        tl.debug_barrier()  # every thread's partial is written before the counter moves
+        arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+            for sk in tl.static_range(SPLIT_K):  # unrolled, so every partial's load is in flight at once
+                acc += tl.load(ws_tile + sk * M * N, mask=mask, other=0, cache_modifier=".cg")
+            tl.atomic_xchg(count_ptr + tile, 0)  # zero again for the next call
+            _store_pointer(acc, offs_m, offs_n, mask, M, N, sa_ptr, stride_sam, sb_ptr, bias_ptr, res_ptr, stride_rm,
+                           c_ptr, stride_cm, HAS_BIAS, HAS_RESIDUAL)
+    else:
+        _store_pointer(acc, offs_m, offs_n, mask, M, N, sa_ptr, stride_sam, sb_ptr, bias_ptr, res_ptr, stride_rm,
+                       c_ptr, stride_cm, HAS_BIAS, HAS_RESIDUAL)
+
+
+@triton.jit
+def _store_pointer(acc, offs_m, offs_n, mask, M, N, sa_ptr, stride_sam, sb_ptr, bias_ptr, res_ptr, stride_rm, c_ptr,
+                   stride_cm, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    """The pointer kernel's epilogue: acc [BLOCK_M, BLOCK_N] int32 -> scales, bias, residual, cast, store."""
+    y = _scaled(acc, offs_m, offs_n, M, N, sa_ptr, stride_sam, sb_ptr, bias_ptr, HAS_BIAS)
     if HAS_RESIDUAL:
         y += tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
     tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], y.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+_POINTER_AUTOTUNE = dict(key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune},
+                         do_bench=quick_bench, cache_results=True)
+_w8a8_gemm_pointer_kernel = triton.autotune(configs=_pointer_configs(), **_POINTER_AUTOTUNE)(_w8a8_pointer_kernel)
+_w8a8_gemv_kernel = triton.autotune(configs=_decode_configs(), **_POINTER_AUTOTUNE)(_w8a8_pointer_kernel)  # M <= 16
+_MAX_SPLIT_K = max(c.kwargs["SPLIT_K"] for c in _w8a8_gemv_kernel.configs)
+_MIN_TILE = 16  # the smallest BLOCK_M and BLOCK_N: sizes the split-K counters
 
 
 _TMA_MIN_ROWS = 1024  # below, the pointer kernel's small tiles (several per SM) fill the GPU better
@@ -296,9 +351,13 @@ def int8_gemm_scaled(
         grid = lambda meta: (min(programs * meta["PROGRAMS_PER_SM"], triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)
         _w8a8_gemm_kernel[grid](*descs, *scales, m, n, k, m_bucket, sa.stride(0), **flags)
     else:
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-        _w8a8_gemm_pointer_kernel[grid](
-            q, weight, *scales, res, c, m, n, k, m_bucket,
+        decode = m <= DECODE_MAX_M
+        kernel = _w8a8_gemv_kernel if decode else _w8a8_gemm_pointer_kernel
+        ws = torch.empty(_MAX_SPLIT_K if decode else 0, m, n, dtype=torch.int32, device=q.device)  # [S, M, N]
+        counters = arrival_counters(q.device, triton.cdiv(m, _MIN_TILE) * triton.cdiv(n, _MIN_TILE))
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
+        kernel[grid](
+            q, weight, *scales, res, c, ws, counters, m, n, k, m_bucket,
             q.stride(0), weight.stride(0), sa.stride(0), res.stride(0), c.stride(0), **flags,
         )
     return c

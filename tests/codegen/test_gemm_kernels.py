@@ -20,6 +20,7 @@ Tolerances, from the dtypes:
 """
 import pytest
 import torch
+import triton
 from hypothesis import given, settings, strategies as st
 
 import llmopt.ops  # noqa: F401  (registers torch.ops.llmopt)
@@ -127,6 +128,32 @@ def test_linear_w8a8_random_shapes(m, n, k, seed):
     x3 = x.reshape(1, m, k)  # a leading batch dim, as the graph passes it
     y = linear_w8a8(x3, w, w_scale, b, None)
     _assert_close(y, torch.ops.llmopt.linear_w8a8(x3, w, w_scale, b, None), W8A8_TOL[torch.float16])
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 40, 100), (7, 33, 64), (16, 72, 260)])
+def test_w8a8_split_k_is_bit_identical_to_one_split(m, n, k):
+    """The decode tiles (16 rows) with K split 1, 2, 3 and 8 ways (8: more splits than K blocks, so some add
+    nothing): int32 partial sums add exactly, so every split gives the same bits, and the split counters are back
+    at zero for the next call."""
+    from llmopt.codegen.kernels.w8a8_gemm import _w8a8_pointer_kernel
+
+    gen = torch.Generator().manual_seed(m * 31 + k)
+    x, w, w_scale, bias, res = _w8a8_inputs(m, n, k, torch.float16, gen)
+    q, row_scale = quantize_rows(x)  # [M, K] int8, [M, 1] fp32
+    tiles = triton.cdiv(n, 32)
+    outs = []
+    for split in (1, 2, 3, 8):
+        c = torch.empty(m, n, dtype=torch.float16, device=DEVICE)  # poisoned
+        ws = torch.empty(split, m, n, dtype=torch.int32, device=DEVICE)  # poisoned partial sums
+        counters = torch.zeros(tiles, dtype=torch.int32, device=DEVICE)
+        _w8a8_pointer_kernel[(tiles, split)](
+            q, w, row_scale, w_scale, bias, res, c, ws, counters, m, n, k, 16,
+            q.stride(0), w.stride(0), row_scale.stride(0), res.stride(0), c.stride(0),
+            HAS_BIAS=True, HAS_RESIDUAL=True, BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, SPLIT_K=split)
+        assert torch.equal(counters, torch.zeros_like(counters)), f"split {split}: counters not reset"
+        outs.append(c)
+    assert all(torch.equal(c, outs[0]) for c in outs[1:])
+    _assert_close(outs[0], torch.ops.llmopt.linear_w8a8(x, w, w_scale, bias, None) + res, W8A8_TOL[torch.float16])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if HAS_CUDA else []))
