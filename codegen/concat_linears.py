@@ -52,7 +52,7 @@ def _sibling_groups(gm: GraphModule) -> dict:
     groups = defaultdict(list)
     for node in gm.graph.nodes:
         rows = ROW_ARGS.get(node.target) if node.op == "call_function" else None
-        if rows is None or node.kwargs or len(node.args) <= max(rows):
+        if rows is None or node.kwargs or len(node.args) <= max(rows) or "val" not in node.meta:
             continue
         row_args = [node.args[i] for i in rows]
         if not all(a is None or (isinstance(a, Node) and a.op == "get_attr") for a in row_args):
