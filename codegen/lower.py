@@ -9,7 +9,8 @@ The Program's function is not changed: lowering copies its graph (sharing the we
 - `llmopt.linear_w8a8` -> one activation quantization per input (shared by q/k/v, by gate/up), which
   generated kernels fuse into the RMSNorm or SiLU·mul making the input, and the int8 tensor-core GEMM
   template per linear (scales and bias in the epilogue) (`llmopt.codegen.quantize_inputs`),
-- `llmopt.linear_wq` -> the W4A16 GEMM / split-K GEMV template,
+- `llmopt.linear_wq` -> the W4A16 GEMM / split-K GEMV template (groups of fewer than 32 or not a power of two
+  stay on the reference op, which runs on any device: `w4a16_gemm.supports`),
 - `llmopt.attention` -> the FlashAttention template (GQA without repeating K/V),
 - `aten.linear` with a 2:4 sparse fp16/bf16 weight -> torch's semi-structured sparse matmul where the
   GPU has one (`llmopt.codegen.sparse`; `self.sparse` says which linears and why not the others),
@@ -112,7 +113,7 @@ def _lowered_graph(program, causal_positions: bool, fuse: bool, generated: bool 
         concat_sibling_linears(gm, program.gm)
     templates = _templates(causal_positions)
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in templates:
+        if node.op == "call_function" and node.target in templates and _has_kernel(node):
             if causal_positions and node.target == torch.ops.llmopt.attention.default:
                 node.args = node.args[:3] + (None,) + node.args[4:]  # the mask is exactly causal here
             node.target = templates[node.target]
@@ -122,6 +123,16 @@ def _lowered_graph(program, causal_positions: bool, fuse: bool, generated: bool 
     if fuse:
         gm = _fuse_pointwise(gm)
     return gm
+
+
+def _has_kernel(node) -> bool:
+    """Whether the template takes this call: every attention does; a `linear_wq` if its format suits the kernels."""
+    if node.target != torch.ops.llmopt.linear_wq.default:
+        return True
+    from llmopt.codegen.kernels.w4a16_gemm import supports
+
+    group_size, bits = node.args[5], node.args[6]
+    return supports(group_size, bits)
 
 
 def _fuse_pointwise(gm: GraphModule) -> GraphModule:

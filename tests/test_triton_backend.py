@@ -47,6 +47,20 @@ def test_explicit_positions_run_the_attention_kernel_with_the_mask(monkeypatch):
     assert masks and all(m is not None and m.dtype == torch.bool for m in masks)
 
 
+def test_w4_groups_the_kernels_do_not_take_stay_on_the_reference_op():
+    """RTN with groups of 16 (the Triton W4 kernels take powers of two >= 32): lowering keeps those linears on
+    `llmopt.linear_wq`'s reference, so the model still runs and gives the torch backend's logits."""
+    from llmopt.passes import RTN
+
+    reference = llmopt.compile(build_model(tiny_config("llama")), passes=[RTN(bits=4, group_size=16), FuseAttention()],
+                               backend="torch")
+    lowered = llmopt.compile(reference.program, backend="triton")
+    kept = [n for n in lowered._runner.causal_gm.graph.nodes if n.target == torch.ops.llmopt.linear_wq.default]
+    assert len(kept) == 4 * 2  # qkv, o, gate_up, down in each of 2 layers, merged
+    ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(lowered(ids), reference(ids), rtol=1e-4, atol=1e-4)
+
+
 def tiny_config(family: str):
     """A fixed tiny config: Llama (RMSNorm, q/k/v and gate/up sharing inputs, GQA) or GPT-2 (LayerNorm, fused qkv)."""
     import transformers as tf

@@ -298,6 +298,12 @@ _wq_gemv_kernel = triton.autotune(configs=_DECODE_CONFIGS, **_AUTOTUNE)(_wq_kern
 _wq_gemm_kernel = triton.autotune(configs=_GEMM_CONFIGS, **_AUTOTUNE)(_wq_kernel)  # 16 < M <= FUSED_MAX_M
 _MAX_SPLIT_K = {k: max(c.kwargs["SPLIT_K"] for c in k.configs) for k in (_wq_gemv_kernel, _wq_gemm_kernel)}
 
+def supports(group_size: int, bits: int) -> bool:
+    """Whether these kernels take linears of this format: 3/4/8 bits, groups a power of two >= 32 (a K block lies in
+    one group). Lowering leaves the others on the reference op."""
+    return bits in (3, 4, 8) and group_size >= 32 and group_size & (group_size - 1) == 0
+
+
 def linear_wq(
     x: torch.Tensor,  # [..., K] fp16/bf16/fp32
     qweight: torch.Tensor,  # [N, K // 2] (bits <= 4) or [N, K] (bits == 8) uint8
@@ -309,12 +315,11 @@ def linear_wq(
 ) -> torch.Tensor:
     """Same function as `torch.ops.llmopt.linear_wq`: one Triton launch up to FUSED_MAX_M rows, else the
     reference's own computation on a weight dequantized in one Triton launch."""
-    assert bits in (3, 4, 8), f"bits={bits}: 3/4-bit (4-bit slots) and 8-bit are supported"
+    assert supports(group_size, bits), f"bits={bits}, group_size={group_size}: see supports()"
     lead, k = x.shape[:-1], x.shape[-1]
     n = qweight.shape[0]
     assert qweight.dtype == torch.uint8 and qweight.shape[1] == (k // 2 if bits <= 4 else k)
     assert scales.shape == zeros.shape == (n, k // group_size) and k % group_size == 0
-    assert group_size >= 32 and group_size & (group_size - 1) == 0, "group_size: a power of two >= 32"
     x2 = x.reshape(-1, k).contiguous()  # x2: [M, K]
     m = x2.shape[0]
     qweight, scales = qweight.contiguous(), scales.contiguous()

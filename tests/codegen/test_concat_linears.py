@@ -6,13 +6,15 @@ models with merged linears run in tests/test_triton_backend.py's `gpu` tests.
 """
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch.export import Dim
 
 import llmopt
 from llmopt.codegen.concat_linears import concat_sibling_linears
 from llmopt.codegen.lower import lower
-from llmopt.passes import RTN, FuseAttention, SmoothQuant
-from llmopt.testing import build_model
+from llmopt.passes import RTN, W8A8, FuseAttention, SmoothQuant
+from llmopt.testing import FAMILIES, build_model, config_strategy, input_ids_strategy
 from tests.test_triton_backend import tiny_config
 
 from llmopt.codegen import kernels
@@ -105,3 +107,27 @@ def test_only_linears_of_one_format_merge():
     assert widths == [16, 24, 32]  # c, a + b, d + e
     torch.testing.assert_close(gm(x), want, rtol=1e-5, atol=1e-5)  # the reference matmul: fp32 rounding
     torch.testing.assert_close(gm(torch.randn(4, 5, 128)).shape, torch.Size([4, 5, 72]))
+
+
+@settings(max_examples=1, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(data=st.data())
+@pytest.mark.parametrize("recipe", ["rtn", "w8a8"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_merged_and_apart_lowerings_agree_on_every_family(family, recipe, data):
+    """Any family's tiny config (biases on q/k/v in Qwen2 and OPT; q/k/v and gate/up already fused in Phi-3, GPT-2,
+    GPT-NeoX): the lowering with sibling linears merged gives the logits of the one with every linear apart, with
+    the expected number of linears fewer. W4 groups are 32 where every width allows (the Triton kernel), else 8 (the reference op)."""
+    config = data.draw(config_strategy(family))
+    program = llmopt.capture(build_model(config))
+    widths = {program.get_weight(lin.weight).shape[1] for lin in program.linears()}
+    group = 32 if all(k % 32 == 0 for k in widths) else 8  # 8: linear_wq stays on the reference op when lowered
+    passes = [RTN(bits=4, group_size=group)] if recipe == "rtn" else [W8A8()]
+    program = llmopt.compile(program, passes=passes + [FuseAttention()], backend="torch").program
+    apart = lower(program, cuda_graphs=False, concat_linears=False)
+    merged = lower(program, cuda_graphs=False)
+    ids = data.draw(input_ids_strategy(config.vocab_size, max_batch=2, max_len=6))
+    torch.testing.assert_close(merged(ids), apart(ids), rtol=1e-5, atol=1e-5)
+    fewer = len(_linears(apart.causal_gm)) - len(_linears(merged.causal_gm))
+    layers = config.num_hidden_layers
+    # separate q/k/v (and gate/up in the gated MLPs) merge; Phi-3, GPT-2 and GPT-NeoX fuse them in the checkpoint
+    assert fewer == {"llama": 3, "mistral": 3, "qwen2": 3, "gemma": 3, "opt": 2}.get(family, 0) * layers
