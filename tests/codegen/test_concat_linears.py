@@ -131,3 +131,18 @@ def test_merged_and_apart_lowerings_agree_on_every_family(family, recipe, data):
     layers = config.num_hidden_layers
     # separate q/k/v (and gate/up in the gated MLPs) merge; Phi-3, GPT-2 and GPT-NeoX fuse them in the checkpoint
     assert fewer == {"llama": 3, "mistral": 3, "qwen2": 3, "gemma": 3, "opt": 2}.get(family, 0) * layers
+
+
+def test_an_unmerged_adapter_over_merged_int4_bases():
+    """QLoRA kept unmerged (int4 q/k/v bases, 16-bit LoRA branches on q and v): the bases merge, the float A linears
+    that read the same input stay apart, and each branch still adds to its own slice."""
+    from tests.test_compression_passes import group_size_for, peft_llama
+
+    _, program = peft_llama()
+    quantized = llmopt.compile(program.copy(), passes=[RTN(4, group_size_for(program))], backend="torch")
+    apart = lower(quantized.program, cuda_graphs=False, concat_linears=False)
+    merged = lower(quantized.program, cuda_graphs=False)
+    assert len(_linears(apart.causal_gm)) - len(_linears(merged.causal_gm)) == 3 * 2  # q/k/v, gate/up; 2 layers
+    ids = torch.randint(0, program.config["vocab_size"], (2, 6), generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(merged(ids), apart(ids), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(merged(ids), quantized(ids), rtol=1e-4, atol=1e-4)
