@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from llmopt.codegen.kernels.dequantize_wq import dequantize_wq
-from llmopt.codegen.kernels.split_k import arrival_counters
+from llmopt.codegen.kernels.split_k import arrival_counters, sum_of_splits
 from llmopt.codegen.kernels.tuning import quick_bench
 
 try:  # Gluon's mma_v2, wgmma and linear layouts: Triton >= 3.6
@@ -269,16 +269,10 @@ def _wq_kernel(
                          DTYPE, P, SLOT, MAGIC, BIAS, ASM, ZERO_IN_TILE, SCALE_IN_TILE, DOT_PRECISION)
 
     mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)  # [BLOCK_N, BLOCK_M]
-    if SPLIT_K > 1:  # publish the partial sum; the last split of this output tile reduces them all
+    if SPLIT_K > 1:  # the last split of this output tile to arrive sums the fp32 partials and stores
         ws_tile = ws_ptr + offs_m[None, :] * N + offs_n[:, None]  # [BLOCK_N, BLOCK_M]
-        tl.store(ws_tile + pid_k * M * N, acc, mask=mask)
-        tl.debug_barrier()  # every thread's partial is written before the counter moves
-        arrived = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLIT_K - 1:
-            acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-            for sk in tl.static_range(SPLIT_K):  # unrolled, so every partial's load is in flight at once
-                acc += tl.load(ws_tile + sk * M * N, mask=mask, other=0.0, cache_modifier=".cg")
-            tl.atomic_xchg(count_ptr + pid, 0)  # zero again for the next call
+        last, acc = sum_of_splits(acc, ws_tile, pid_k, M, N, count_ptr, pid, mask, SPLIT_K)
+        if last:
             _store_output(y_ptr, bias_ptr, acc, offs_m, offs_n, rows, mask, stride_ym, HAS_BIAS)
     else:
         _store_output(y_ptr, bias_ptr, acc, offs_m, offs_n, rows, mask, stride_ym, HAS_BIAS)

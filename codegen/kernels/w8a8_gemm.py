@@ -35,7 +35,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from llmopt.codegen.kernels.quantize_rows import quantize_rows
-from llmopt.codegen.kernels.split_k import arrival_counters
+from llmopt.codegen.kernels.split_k import arrival_counters, sum_of_splits
 from llmopt.codegen.kernels.tuning import quick_bench
 
 _INTERPRET = triton.knobs.runtime.interpret
@@ -256,16 +256,10 @@ def _w8a8_pointer_kernel(
         b_ptrs += BLOCK_K
 
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    if SPLIT_K > 1:  # publish the partial sum; the tile's last split to arrive adds them all (int32: exact)
+    if SPLIT_K > 1:  # the tile's last split to arrive adds the partials (int32: exact) and stores
         ws_tile = ws_ptr + offs_m[:, None] * N + offs_n[None, :]  # [BLOCK_M, BLOCK_N]
-        tl.store(ws_tile + tl.program_id(1) * M * N, acc, mask=mask)
-        tl.debug_barrier()  # every thread's partial is written before the counter moves
-        arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLIT_K - 1:
-            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
-            for sk in tl.static_range(SPLIT_K):  # unrolled, so every partial's load is in flight at once
-                acc += tl.load(ws_tile + sk * M * N, mask=mask, other=0, cache_modifier=".cg")
-            tl.atomic_xchg(count_ptr + tile, 0)  # zero again for the next call
+        last, acc = sum_of_splits(acc, ws_tile, tl.program_id(1), M, N, count_ptr, tile, mask, SPLIT_K)
+        if last:
             _store_pointer(acc, offs_m, offs_n, mask, M, N, sa_ptr, stride_sam, sb_ptr, bias_ptr, res_ptr, stride_rm,
                            c_ptr, stride_cm, HAS_BIAS, HAS_RESIDUAL)
     else:
