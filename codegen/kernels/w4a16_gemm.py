@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from llmopt.codegen.kernels.dequantize_wq import dequantize_wq
-from llmopt.codegen.kernels.split_k import arrival_counters, sum_of_splits
+from llmopt.codegen.kernels.split_k import sum_of_splits, tile_counters
 from llmopt.codegen.kernels.tuning import quick_bench
 
 try:  # Gluon's mma_v2, wgmma and linear layouts: Triton >= 3.6
@@ -55,7 +55,6 @@ except ImportError:
 _INTERPRET = triton.knobs.runtime.interpret
 DECODE_MAX_M = 16
 FUSED_MAX_M = 64  # above: dequantize, then cuBLAS (the fused kernel was slower from M = 128 on)
-_MIN_TILE = 16  # the smallest BLOCK_M and BLOCK_N: sizes the split-K counters
 
 
 def _cfg(bm, bn, warps, stages, split_k=1, sub=1, scale_in_tile=False):
@@ -292,6 +291,7 @@ _wq_gemv_kernel = triton.autotune(configs=_DECODE_CONFIGS, **_AUTOTUNE)(_wq_kern
 _wq_gemm_kernel = triton.autotune(configs=_GEMM_CONFIGS, **_AUTOTUNE)(_wq_kernel)  # 16 < M <= FUSED_MAX_M
 _MAX_SPLIT_K = {k: max(c.kwargs["SPLIT_K"] for c in k.configs) for k in (_wq_gemv_kernel, _wq_gemm_kernel)}
 
+
 def supports(group_size: int, bits: int) -> bool:
     """Whether these kernels take linears of this format: 3/4/8 bits, groups a power of two >= 32 (a K block lies in
     one group). Lowering leaves the others on the reference op."""
@@ -344,7 +344,7 @@ def linear_wq_triton(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
         return y
     kernel = _wq_gemv_kernel if m <= DECODE_MAX_M else _wq_gemm_kernel
     ws = torch.empty(_MAX_SPLIT_K[kernel], m, n, dtype=torch.float32, device=x2.device)  # ws: [S, M, N]
-    counters = arrival_counters(x2.device, triton.cdiv(m, _MIN_TILE) * triton.cdiv(n, _MIN_TILE))
+    counters = tile_counters(x2.device, m, n)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
     kernel[grid](
         x2, qweight, scales, zeros, bias if bias is not None else scales, y, ws, counters,

@@ -35,7 +35,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from llmopt.codegen.kernels.quantize_rows import quantize_rows
-from llmopt.codegen.kernels.split_k import arrival_counters, sum_of_splits
+from llmopt.codegen.kernels.split_k import sum_of_splits, tile_counters
 from llmopt.codegen.kernels.tuning import quick_bench
 
 _INTERPRET = triton.knobs.runtime.interpret
@@ -282,7 +282,6 @@ _POINTER_AUTOTUNE = dict(key=["M_BUCKET", "N", "K"], prune_configs_by={"early_co
 _w8a8_gemm_pointer_kernel = triton.autotune(configs=_pointer_configs(), **_POINTER_AUTOTUNE)(_w8a8_pointer_kernel)
 _w8a8_gemv_kernel = triton.autotune(configs=_decode_configs(), **_POINTER_AUTOTUNE)(_w8a8_pointer_kernel)  # M <= 16
 _MAX_SPLIT_K = max(c.kwargs["SPLIT_K"] for c in _w8a8_gemv_kernel.configs)
-_MIN_TILE = 16  # the smallest BLOCK_M and BLOCK_N: sizes the split-K counters
 
 
 _TMA_MIN_ROWS = 1024  # below, the pointer kernel's small tiles (several per SM) fill the GPU better
@@ -348,7 +347,8 @@ def int8_gemm_scaled(
         decode = m <= DECODE_MAX_M
         kernel = _w8a8_gemv_kernel if decode else _w8a8_gemm_pointer_kernel
         ws = torch.empty(_MAX_SPLIT_K if decode else 0, m, n, dtype=torch.int32, device=q.device)  # [S, M, N]
-        counters = arrival_counters(q.device, triton.cdiv(m, _MIN_TILE) * triton.cdiv(n, _MIN_TILE))
+        # split K only at decode sizes: the prefill tiles never read the counters
+        counters = tile_counters(q.device, m, n) if decode else ws
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
         kernel[grid](
             q, weight, *scales, res, c, ws, counters, m, n, k, m_bucket,

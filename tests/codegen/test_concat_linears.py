@@ -11,14 +11,13 @@ from hypothesis import strategies as st
 from torch.export import Dim
 
 import llmopt
+from llmopt.codegen import kernels
 from llmopt.codegen.concat_linears import concat_sibling_linears
 from llmopt.codegen.lower import lower
+from llmopt.codegen.quantize_inputs import linear_int8
 from llmopt.passes import RTN, W8A8, FuseAttention, SmoothQuant
 from llmopt.testing import FAMILIES, build_model, config_strategy, input_ids_strategy
 from tests.test_triton_backend import tiny_config
-
-from llmopt.codegen import kernels
-from llmopt.codegen.quantize_inputs import linear_int8
 
 # the Program's quantized linears, and what lowering turns them into
 LINEARS = (torch.ops.llmopt.linear_wq.default, torch.ops.llmopt.linear_w8a8.default, kernels.linear_wq, linear_int8)
@@ -51,7 +50,7 @@ def test_q_k_v_and_gate_up_run_as_one_linear_each_with_the_same_logits(recipe, c
     assert len(_linears(apart.causal_gm)) == 7 * layers and len(_linears(merged.causal_gm)) == 4 * layers
 
 
-def test_merging_adds_no_memory_and_a_second_lowering_shares_the_first_ones_weights(calibration):
+def test_merging_adds_no_memory_and_a_second_lowering_shares_the_first_ones_weights():
     reference = llmopt.compile(build_model(tiny_config("llama")), passes=[RTN(bits=4, group_size=32)], backend="torch")
     program = reference.program
     before = program.parameter_bytes()
