@@ -43,6 +43,19 @@ class Calibration:
         if data is None or isinstance(data, Calibration):
             return data
         return cls(data)
+    def check_fits(self, program) -> None:
+        """PassError unless every token id lies in `program`'s vocabulary and every sequence in its context: checked
+        before any pass runs, so a bad set fails at once rather than deep inside the embedding after earlier passes."""
+        vocab, context = program.vocab_size(), program.max_seq_len
+        for t in self.batches:
+            low, high = (int(v) for v in torch.aminmax(t))
+            if low < 0 or high >= vocab:
+                raise PassError(f"calibration holds token id {low if low < 0 else high}, outside the model's vocabulary "
+                                f"of {vocab} (ids 0 to {vocab - 1}): tokenize it with the model's own tokenizer")
+            if t.shape[1] > context:
+                raise PassError(f"calibration sequences of {t.shape[1]} tokens exceed the model's context of {context}: "
+                                f"cut them to at most {context} (seq_len= in llmopt.data.calibration_batches, --seq-len in the CLI)")
+
     def _chunks(self):
         for t in self.batches:
             for start in range(0, t.shape[0], self.batch_size):

@@ -24,9 +24,9 @@ def compile(model, passes=(), calibration=None, backend: str = "auto", debug: bo
     calibration = Calibration.coerce(calibration)
     program = model if isinstance(model, Program) else capture(model, example_inputs)
     bytes_before = program.parameter_bytes()
+    chosen = _pick_backend(backend, program)  # before the passes: no pass moves the Program, and they may take minutes
     manager = PassManager(passes, debug=debug)
     program = manager.run(program, calibration)
-    chosen = _pick_backend(backend, program)
     runner = None
     if chosen == "triton":
         from llmopt.codegen import lower

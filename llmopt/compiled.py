@@ -15,10 +15,11 @@ class CompiledModel:
         self.backend = backend
         self.bytes_before = bytes_before
         self._runner = runner or program.run
+        self._vocab_size = None  # rows of the embedding, read on the first call
 
     def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor = None) -> torch.Tensor:
         """input_ids: [B, T] -> logits [B, T, V]."""
-        input_ids = _as_batch(input_ids, self.program.device)
+        input_ids = self._checked_ids(input_ids)
         if input_ids.shape[-1] > self.program.max_seq_len:
             raise LlmoptError(
                 f"the prompt has {input_ids.shape[-1]} tokens but the model's context is {self.program.max_seq_len}: "
@@ -30,9 +31,13 @@ class CompiledModel:
     def generate(self, input_ids, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
                  top_k: int = None, top_p: float = None, eos_token_id=None, generator: torch.Generator = None) -> torch.Tensor:
         """input_ids: [B, T] -> [B, T + n] with n <= max_new_tokens (greedy unless do_sample)."""
-        from llmopt.sampling import sample_next
+        from llmopt.sampling import check_sampling_options, sample_next
 
-        ids = _as_batch(input_ids, self.program.device)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise LlmoptError(f"max_new_tokens must be an integer >= 0; got {max_new_tokens!r}")
+        if do_sample:
+            check_sampling_options(temperature, top_k, top_p)
+        ids = self._checked_ids(input_ids)
         if ids.shape[-1] + max_new_tokens > self.program.max_seq_len:
             raise LlmoptError(
                 f"prompt ({ids.shape[-1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context of "
@@ -41,7 +46,7 @@ class CompiledModel:
         eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
         finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         for _ in range(max_new_tokens):
-            logits = self(ids)[:, -1, :]  # [B, V]
+            logits = self._runner(ids, None)[:, -1, :]  # [B, V]; every id in ids is checked or generated
             nxt = sample_next(logits, do_sample, temperature, top_k, top_p, generator)  # [B]
             if eos:
                 pad = next(iter(eos))
@@ -51,6 +56,19 @@ class CompiledModel:
             if eos and bool(finished.all()):
                 break
         return ids
+
+    def _checked_ids(self, input_ids) -> torch.Tensor:
+        """Token ids as given -> [B, T] long on the program's device, every id in the vocabulary (an id outside
+        it would fail deep inside the embedding, on a GPU as a device-side assert that ends the process's CUDA)."""
+        ids = _as_batch(input_ids)  # [B, T]
+        if self._vocab_size is None:
+            self._vocab_size = self.program.vocab_size()
+        low, high = (int(v) for v in torch.aminmax(ids))
+        if low < 0 or high >= self._vocab_size:
+            raise LlmoptError(f"input_ids holds token id {low if low < 0 else high}, outside the model's vocabulary "
+                              f"of {self._vocab_size} (ids 0 to {self._vocab_size - 1}): tokenize with the model's own "
+                              "tokenizer")
+        return ids.to(device=self.program.device, dtype=torch.long)
 
     def save(self, directory):
         """Write this model to `directory` (weights as safetensors + llmopt.json); `llmopt.load` reads it back."""
@@ -74,11 +92,15 @@ class CompiledModel:
         return "\n".join(lines)
 
 
-def _as_batch(input_ids, device) -> torch.Tensor:
+def _as_batch(input_ids) -> torch.Tensor:
+    """Token ids as given (a list, [T] or [B, T]) -> [B, T] integer tensor; LlmoptError for anything else."""
     if not isinstance(input_ids, torch.Tensor):
         input_ids = torch.tensor(input_ids)
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
         raise LlmoptError(f"input_ids must be integer token ids [B, T]; got {input_ids.dtype} {list(input_ids.shape)}")
-    return input_ids.to(device=device, dtype=torch.long)
+    if input_ids.numel() == 0:
+        raise LlmoptError(f"input_ids {list(input_ids.shape)} holds no token: give at least one token a sequence "
+                          "(e.g. the tokenizer's BOS token)")
+    return input_ids

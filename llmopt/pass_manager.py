@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llmopt.calibration import Calibration
 from llmopt.errors import EquivalenceError, PassError
 
 
@@ -49,8 +50,7 @@ class PassManager:
 
         ids = self.debug_inputs
         if ids is None:
-            vocab = after.get_weight(after.embeddings()[0].weight).shape[0]
-            ids = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0)).to(after.device)
+            ids = torch.randint(0, after.vocab_size(), (2, 16), generator=torch.Generator().manual_seed(0)).to(after.device)
         tol = self.tolerance if self.tolerance is not None else (1e-4 if after.dtype_ == torch.float32 else 2e-2)
         mismatch = compare_programs(before, after, ids, rtol=tol, atol=tol)
         if mismatch is not None:
@@ -59,14 +59,21 @@ class PassManager:
 
 def _check_pass_list(passes, program, calibration):
     """Refuse an impossible list before any pass runs: non-passes, missing calibration, a pass whose
-    required pass is neither applied already nor earlier in the list, a once-only pass twice."""
-    from llmopt.passes_api import Pass
+    required pass is neither applied already nor earlier in the list, a once-only pass twice, a pass that
+    needs float linears after one that quantizes them, a calibration set that does not fit the model."""
+    from llmopt.passes_api import Pass, quantized_linears
 
     applied = [step["pass"] for step in program.recipe]
+    quantized_by = quantized_linears(program)
+    if calibration is not None and any(isinstance(p, Pass) and p.needs_calibration for p in passes):
+        Calibration.coerce(calibration).check_fits(program)
     for i, p in enumerate(passes):
         if not isinstance(p, Pass):
             raise PassError(f"pass #{i} is {p!r}, not an llmopt Pass: build it, e.g. Smooth(alpha=0.5), not Smooth")
-        problem = p.refusal(applied, calibration, later=tuple(q.name for q in passes[i + 1 :] if isinstance(q, Pass)))
+        later = tuple(q.name for q in passes[i + 1 :] if isinstance(q, Pass))
+        problem = p.refusal(applied, calibration, later=later, quantized_by=quantized_by)
         if problem:
             raise PassError(problem)
         applied.append(p.name)
+        if p.quantizes and not quantized_by:
+            quantized_by = f"{p.name}, earlier in the pass list,"

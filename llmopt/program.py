@@ -71,6 +71,10 @@ class Program:
 
         return find_lm_head(self)
 
+    def vocab_size(self) -> int:
+        """Rows of the token embedding (the graph's first embedding, which reads input_ids): ids must lie below."""
+        return self.get_weight(self.embeddings()[0].weight).shape[0]
+
     # ---- weights -----------------------------------------------------------------------------------
     def get_weight(self, node_or_name) -> torch.Tensor:
         name = node_or_name.target if isinstance(node_or_name, Node) else node_or_name

@@ -264,6 +264,8 @@ class AWQ(Pass):
     exact = False
     needs_calibration = True
     once = True
+    quantizes = True
+    rewrites_float_linears = True
 
     def __init__(self, bits: int = 4, group_size: int = 128, grid: int = 20, symmetric: bool = False,
                  max_rows: int = MAX_TOKENS, include_lm_head: bool = False, duo_scaling: bool = True,

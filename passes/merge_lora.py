@@ -44,6 +44,8 @@ def _merged_linear(program, match):
 class MergeLoRA(Pass):
     """Fold every LoRA branch into its base weight."""
 
+    rewrites_float_linears = True  # after a quantizer its bases are quantized: MergeLoRAQuantized merges those
+
     def apply(self, program, calibration):
         merged = 0
         for fn in (lora_with_bias, lora):

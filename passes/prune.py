@@ -37,6 +37,7 @@ def _check_pattern(sparsity: float, pattern: str, who: str) -> None:
 class _Prune(Pass):
     exact = False
     once = True
+    rewrites_float_linears = True
 
     def __init__(self, sparsity: float = 0.5, pattern: str = "unstructured", include_lm_head: bool = False):
         _check_pattern(sparsity, pattern, self.name)

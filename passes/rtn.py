@@ -96,6 +96,8 @@ class RTN(Pass):
 
     exact = False
     once = True
+    quantizes = True
+    rewrites_float_linears = True
 
     def __init__(self, bits: int = 4, group_size: int = 128, symmetric: bool = False, include_lm_head: bool = False):
         check_bits(bits, "RTN")

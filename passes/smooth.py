@@ -16,6 +16,7 @@ from llmopt.passes.compress.w8a8 import smooth_scales
 class Smooth(Pass):
     needs_calibration = True
     once = True
+    rewrites_float_linears = True
 
     def __init__(self, alpha: float = 0.5):
         if not 0.0 <= float(alpha) <= 1.0:

@@ -65,6 +65,8 @@ class W8A8(Pass):
 
     exact = False
     once = True
+    quantizes = True
+    rewrites_float_linears = True
 
     def __init__(self, activations: str = "per_token", include_lm_head: bool = False):
         _check_activations(activations, "W8A8")
@@ -94,6 +96,8 @@ class SmoothQuant(Pass):
     exact = False
     needs_calibration = True
     once = True
+    quantizes = True
+    rewrites_float_linears = True
 
     def __init__(self, alpha=0.5, activations: str = "per_token", include_lm_head: bool = False, grid=DEFAULT_ALPHAS):
         if alpha != "search" and not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):

@@ -1,4 +1,5 @@
-"""CompiledModel.generate: greedy equals transformers' greedy, seeded sampling, eos, context limits."""
+"""CompiledModel.generate: greedy equals transformers' greedy, seeded sampling, eos, context limits, bad ids and
+options refused by name."""
 import pytest
 import torch
 from transformers import LlamaConfig
@@ -75,3 +76,42 @@ def test_prompt_longer_than_the_context_is_refused(model_and_compiled):
     with pytest.raises(llmopt.LlmoptError, match=r"prompt \(30 tokens\) \+ max_new_tokens \(11\) exceeds"):
         cm.generate(torch.zeros(1, 30, dtype=torch.long), max_new_tokens=11)
     assert cm.generate(torch.zeros(1, 30, dtype=torch.long), max_new_tokens=10).shape == (1, 40)  # exactly fits
+
+
+@pytest.mark.parametrize("ids, message", [
+    (torch.tensor([[1, 2, 48]]), r"input_ids holds token id 48, outside the model's vocabulary of 48 \(ids 0 to 47\)"),
+    (torch.tensor([[1, -1, 3]]), r"input_ids holds token id -1, outside the model's vocabulary of 48"),
+    (torch.zeros(2, 0, dtype=torch.long), r"input_ids \[2, 0\] holds no token: give at least one token a sequence"),
+    (torch.ones(1, 4), r"input_ids must be integer token ids \[B, T\]; got torch.float32 \[1, 4\]"),
+])
+def test_bad_token_ids_are_refused_by_name(model_and_compiled, ids, message):
+    _, cm = model_and_compiled
+    with pytest.raises(llmopt.LlmoptError, match=message):
+        cm(ids)
+    with pytest.raises(llmopt.LlmoptError, match=message):
+        cm.generate(ids, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"max_new_tokens": -1}, r"max_new_tokens must be an integer >= 0; got -1"),
+    ({"max_new_tokens": 2.5}, r"max_new_tokens must be an integer >= 0; got 2.5"),
+    ({"do_sample": True, "temperature": 0.0}, r"temperature must be > 0 when sampling \(got 0.0\)"),
+    ({"do_sample": True, "top_p": 1.5}, r"top_p must lie in \(0, 1\] .*; got 1.5"),
+    ({"do_sample": True, "top_p": 0.0}, r"top_p must lie in \(0, 1\]"),
+    ({"do_sample": True, "top_k": -2}, r"top_k must be an integer >= 1 \(or 0 / None for no top-k\); got -2"),
+])
+def test_bad_generate_options_are_refused_before_any_step(model_and_compiled, options, message):
+    _, cm = model_and_compiled
+    calls = []
+    runner, cm._runner = cm._runner, lambda *args: calls.append(args) or runner(*args)
+    try:
+        with pytest.raises(llmopt.LlmoptError, match=message):
+            cm.generate(PROMPT, **{"max_new_tokens": 3, **options})
+    finally:
+        cm._runner = runner
+    assert calls == []  # refused before the prompt's forward pass
+
+
+def test_zero_new_tokens_returns_the_prompt(model_and_compiled):
+    _, cm = model_and_compiled
+    assert torch.equal(cm.generate(PROMPT, max_new_tokens=0), PROMPT)

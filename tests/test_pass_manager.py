@@ -7,7 +7,7 @@ from transformers import LlamaConfig
 import llmopt
 from llmopt import Pass, PassManager, PassResult
 from llmopt.calibration import Calibration
-from llmopt.passes import ConstantFolding, DeadCodeElimination, MergeLoRA, Smooth
+from llmopt.passes import AWQ, RTN, W8A8, ConstantFolding, DeadCodeElimination, MergeLoRA, Smooth, SmoothQuant, Wanda
 from llmopt.testing import build_model
 
 CALIBRATION = Calibration([torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))], progress=False)
@@ -149,6 +149,43 @@ def test_refuses_a_once_only_pass_already_applied(program):
         PassManager([Smooth(0.5)]).run(program, CALIBRATION)
 
 
+@pytest.mark.parametrize("quantizer, float_pass", [
+    (W8A8(), Smooth(0.5)), (RTN(4, 32), Wanda(0.5)), (SmoothQuant(0.5), AWQ(4, 32)), (AWQ(4, 32), W8A8()),
+    (RTN(4, 32), MergeLoRA()),
+])
+def test_refuses_a_float_linear_pass_after_a_quantizer_before_any_change(program, quantizer, float_pass):
+    refusal(program, [ConstantFolding(), quantizer, float_pass], CALIBRATION,
+            rf"{float_pass.name} needs float linears, but {quantizer.name}, earlier in the pass list, quantized them: "
+            rf"apply {float_pass.name} to the float model, before any quantization pass")
+
+
+def test_refuses_a_float_linear_pass_on_a_quantized_program(program):
+    RTN(4, 32)(program)
+    with pytest.raises(llmopt.PassError, match=r"Smooth needs float linears, but the passes already applied \(RTN\) "
+                                               r"quantized them"):
+        PassManager([Smooth(0.5)]).run(program, CALIBRATION)
+    with pytest.raises(llmopt.PassError, match=r"Wanda needs float linears, but the passes already applied \(RTN\)"):
+        Wanda(0.5)(program, CALIBRATION)  # a pass called on its own checks the same
+
+
+def test_pruning_and_smoothing_before_a_quantizer_are_accepted(program):
+    out = PassManager([Wanda(0.5), Smooth(0.5), RTN(4, 32)]).run(program, CALIBRATION)
+    assert [step["pass"] for step in out.recipe] == ["Wanda", "Smooth", "RTN"]
+    assert {lin.kind for lin in out.linears() if lin.node is not out.lm_head().node} == {"wq"}
+
+
+def test_refuses_calibration_ids_outside_the_vocabulary_before_any_change(program):
+    bad = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(1))
+    bad[1, 3] = 50
+    refusal(program, [ConstantFolding(), Smooth(0.5)], bad,
+            r"calibration holds token id 50, outside the model's vocabulary of 50 \(ids 0 to 49\): tokenize it")
+
+
+def test_refuses_calibration_longer_than_the_context_before_any_change(program):
+    refusal(program, [ConstantFolding(), Smooth(0.5)], torch.zeros(1, 65, dtype=torch.long),
+            r"calibration sequences of 65 tokens exceed the model's context of 64: cut them to at most 64")
+
+
 def test_refuses_a_pass_class_instead_of_an_instance(program):
     refusal(program, [ConstantFolding(), Smooth], CALIBRATION, r"pass #1 is .*Smooth.*not an llmopt Pass: build it")
 
@@ -160,8 +197,10 @@ def test_compile_refuses_an_unknown_backend(program):
 
 def test_compile_refuses_triton_for_a_cpu_program(program, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # tests/conftest.py sets it for kernel tests
+    weights, nodes = snapshot(program), len(program.graph.nodes)
     with pytest.raises(llmopt.LlmoptError, match=r"backend='triton' needs the model on a CUDA GPU"):
-        llmopt.compile(program, backend="triton")
+        llmopt.compile(program, passes=[Smooth(0.5)], calibration=CALIBRATION, backend="triton")
+    assert_unchanged(program, weights, nodes)  # refused before the passes ran
 
 
 def test_compile_runs_passes_and_reports(program):
