@@ -137,6 +137,12 @@ def _check_model(model):
             "decoder-only causal LMs (AutoModelForCausalLM); wrap other models so that "
             "model(input_ids=..., position_ids=..., use_cache=False).logits works"
         )
+    on_meta = next((name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta), None)
+    if on_meta is not None:
+        raise CaptureError(
+            f"{type(model).__name__}'s weights are not loaded: {on_meta} is on the meta device (an empty init or "
+            "device_map='meta'); load them first (AutoModelForCausalLM.from_pretrained(path), not an empty init)"
+        )
 
 
 def _example_inputs(model, example_inputs, max_len):

@@ -7,6 +7,7 @@ import os
 
 import torch
 
+from llmopt.devices import checked_device
 from llmopt.errors import LlmoptError
 
 
@@ -95,16 +96,17 @@ def eval(args):
     from llmopt.evaluate import perplexity
     from llmopt.recipe import parse_passes
 
+    device = checked_device(args.device, "--device") if args.device else None  # before a model loads (minutes at 7B)
     if _is_llmopt_dir(args.model_dir):
         if args.passes or args.calibration:
             raise LlmoptError(f"{args.model_dir} is an already compiled model: --passes/--calibration apply to a model "
                               "directory; compile again from the original model instead")
-        cm, tokenizer = llmopt.load(args.model_dir, device=args.device), _tokenizer(args.model_dir)
+        cm, tokenizer = llmopt.load(args.model_dir, device=device), _tokenizer(args.model_dir)
     else:
         passes = parse_passes(args.passes)
         model, tokenizer = load_model(args.model_dir)
-        if args.device:
-            model = model.to(args.device)
+        if device is not None:
+            model = model.to(device)
         cm = llmopt.compile(model, passes=passes, calibration=_calibration(args, tokenizer), backend="torch")
     tokens = tokenize_file(args.data, tokenizer)
     result = perplexity(cm, tokens, window=args.window, max_windows=args.max_windows, device=cm.program.device)

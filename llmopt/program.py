@@ -183,6 +183,10 @@ class Program:
 
     def to(self, device=None, dtype: torch.dtype = None) -> "Program":
         """Move weights (and device/dtype literals in the graph) in place; returns self."""
+        if device is not None:
+            from llmopt.devices import checked_device
+
+            device = checked_device(device, "Program.to")
         old_dtype = self.dtype_
         retyping_fp32 = dtype is not None and dtype != old_dtype and old_dtype == torch.float32
         if retyping_fp32:

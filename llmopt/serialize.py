@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from torch.fx import Graph, GraphModule, Node
 
+from llmopt.devices import checked_device
 from llmopt.errors import LlmoptError
 
 FORMAT = "llmopt-compiled-model"
@@ -200,7 +201,7 @@ def load(directory, device=None, backend: str = "auto"):
 
     directory = Path(directory)
     manifest = _read_manifest(directory)
-    device = torch.device(device or "cpu")
+    device = checked_device(device or "cpu", "llmopt.load")
     try:
         weights = _read_weights(directory, manifest["weights"], device)
         gm = _decode_graph(manifest["graph"], weights, directory)

@@ -119,3 +119,12 @@ def test_capture_error_names_the_cause_and_the_model_line():
     assert "GuardOnDataDependentSymNode" in message  # the cause: a data-dependent branch
     assert f"{Path(__file__).name}:" in message and "in forward" in message  # where, in the model's code
     assert "data-dependent Python control flow" in message  # what to try
+
+
+def test_capture_rejects_a_model_whose_weights_are_not_loaded():
+    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
+    empty = build_model(config, seed=1).to("meta")  # what an empty init or device_map="meta" leaves
+    with pytest.raises(llmopt.CaptureError, match=r"LlamaForCausalLM's weights are not loaded: model.embed_tokens.weight "
+                                                  r"is on the meta device"):
+        llmopt.capture(empty)
