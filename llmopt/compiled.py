@@ -18,13 +18,15 @@ class CompiledModel:
         self._vocab_size = None  # rows of the embedding, read on the first call
 
     def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor = None) -> torch.Tensor:
-        """input_ids: [B, T] -> logits [B, T, V]."""
+        """input_ids: [B, T] -> logits [B, T, V]; position_ids: [B, T], [1, T] or [T] (default 0 .. T - 1)."""
         input_ids = self._checked_ids(input_ids)
         if input_ids.shape[-1] > self.program.max_seq_len:
             raise LlmoptError(
                 f"the prompt has {input_ids.shape[-1]} tokens but the model's context is {self.program.max_seq_len}: "
                 "truncate it (input_ids[:, -max_len:]) or use a model with a longer context"
             )
+        if position_ids is not None:
+            position_ids = _checked_positions(position_ids, input_ids, self.program.max_seq_len)
         return self._runner(input_ids, position_ids)
 
     @torch.no_grad()
@@ -95,7 +97,11 @@ class CompiledModel:
 def _as_batch(input_ids) -> torch.Tensor:
     """Token ids as given (a list, [T] or [B, T]) -> [B, T] integer tensor; LlmoptError for anything else."""
     if not isinstance(input_ids, torch.Tensor):
-        input_ids = torch.tensor(input_ids)
+        try:
+            input_ids = torch.tensor(input_ids)
+        except (TypeError, ValueError) as err:
+            raise LlmoptError(f"input_ids must be integer token ids [B, T] ({err}): rows of different lengths are "
+                              "padded to one length, or run one prompt a call") from err
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
@@ -104,3 +110,21 @@ def _as_batch(input_ids) -> torch.Tensor:
         raise LlmoptError(f"input_ids {list(input_ids.shape)} holds no token: give at least one token a sequence "
                           "(e.g. the tokenizer's BOS token)")
     return input_ids
+
+
+def _checked_positions(position_ids, input_ids: torch.Tensor, context: int) -> torch.Tensor:
+    """position_ids as given ([B, T], [1, T] or [T]) -> [B, T] long on input_ids' device, each in [0, context);
+    LlmoptError otherwise."""
+    batch, tokens = input_ids.shape
+    positions = torch.as_tensor(position_ids)
+    if positions.dim() == 1:
+        positions = positions[None]
+    if positions.dtype not in (torch.int64, torch.int32) or positions.dim() != 2 or positions.shape[1] != tokens \
+            or positions.shape[0] not in (1, batch):
+        raise LlmoptError(f"position_ids must be integer positions [B, T] (or [1, T], [T]) matching input_ids "
+                          f"{[batch, tokens]}; got {positions.dtype} {list(positions.shape)}")
+    low, high = (int(v) for v in torch.aminmax(positions))
+    if low < 0 or high >= context:
+        raise LlmoptError(f"position_ids holds position {low if low < 0 else high}, outside the model's context of "
+                          f"{context} (positions 0 to {context - 1})")
+    return positions.expand(batch, tokens).to(device=input_ids.device, dtype=torch.long).contiguous()

@@ -115,3 +115,31 @@ def test_bad_generate_options_are_refused_before_any_step(model_and_compiled, op
 def test_zero_new_tokens_returns_the_prompt(model_and_compiled):
     _, cm = model_and_compiled
     assert torch.equal(cm.generate(PROMPT, max_new_tokens=0), PROMPT)
+
+
+def test_prompts_of_different_lengths_in_a_list_are_refused_with_the_fix(model_and_compiled):
+    _, cm = model_and_compiled
+    with pytest.raises(llmopt.LlmoptError, match=r"rows of different lengths are padded to one length, or run one"):
+        cm([[5, 9, 13], [7]])
+
+
+def test_position_ids_broadcast_from_one_row(model_and_compiled):
+    _, cm = model_and_compiled
+    positions = torch.arange(3, 8)  # [T]: the prompt placed at positions 3..7
+    expected = cm(PROMPT, positions.expand(2, 5))
+    torch.testing.assert_close(cm(PROMPT, positions), expected, rtol=0, atol=0)
+    torch.testing.assert_close(cm(PROMPT, positions[None]), expected, rtol=0, atol=0)
+    assert not torch.allclose(expected, cm(PROMPT))  # the positions reach the model
+
+
+@pytest.mark.parametrize("positions, message", [
+    (torch.arange(4), r"position_ids must be integer positions \[B, T\] .* matching input_ids \[2, 5\]; got torch.int64 \[1, 4\]"),
+    (torch.arange(5.0), r"matching input_ids \[2, 5\]; got torch.float32 \[1, 5\]"),
+    (torch.arange(5).expand(3, 5), r"got torch.int64 \[3, 5\]"),
+    (torch.arange(36, 41), r"position_ids holds position 40, outside the model's context of 40 \(positions 0 to 39\)"),
+    (torch.arange(-1, 4), r"position_ids holds position -1, outside the model's context of 40"),
+])
+def test_bad_position_ids_are_refused_by_name(model_and_compiled, positions, message):
+    _, cm = model_and_compiled
+    with pytest.raises(llmopt.LlmoptError, match=message):
+        cm(PROMPT, positions)
