@@ -76,6 +76,9 @@ def _random_windows(
     Each stream is cut into `len // seq_len` windows starting at a random shift (so the leftover
     tokens fall anywhere, not always at the end); windows are then drawn without replacement.
     """
+    if n_samples < 1 or seq_len < 1:
+        raise ValueError(f"calibration: n_samples={n_samples} and seq_len={seq_len} must both be at least 1 "
+                         "(e.g. 128 windows of 512 tokens)")
     generator = torch.Generator().manual_seed(seed)
     windows = []
     for tokens in streams:  # tokens: [n]

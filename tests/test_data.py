@@ -44,6 +44,12 @@ def test_short_text_gives_fewer_windows_with_a_warning():
         calibration_batches("some/file.txt")
 
 
+@pytest.mark.parametrize("n_samples, seq_len", [(8, 0), (0, 64), (-1, 64)])
+def test_no_window_asked_for_is_refused(n_samples, seq_len):
+    with pytest.raises(ValueError, match=rf"n_samples={n_samples} and seq_len={seq_len} must both be at least 1"):
+        calibration_batches(torch.arange(1000), n_samples=n_samples, seq_len=seq_len)
+
+
 def test_windows_from_several_files_stay_inside_one_file(tmp_path, tokenizer):
     paths = [tmp_path / "a.txt", tmp_path / "b.txt"]
     paths[0].write_text("cat " * 300, encoding="utf-8")
