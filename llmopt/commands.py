@@ -57,6 +57,9 @@ def compile(args):
     from llmopt.recipe import parse_passes
 
     passes = parse_passes(args.passes)  # before the model loads: a typo is reported at once
+    for flag, path in (("--out", args.out), ("--dump-kernels", args.dump_kernels)):
+        if path and os.path.exists(path) and not os.path.isdir(path):  # found now, not after minutes of passes
+            raise LlmoptError(f"{flag} {path} is a file; give a directory (it is created if missing)")
     model, tokenizer = load_model(args.model_dir)
     calibration = _calibration(args, tokenizer)
     cm = llmopt.compile(model, passes=passes, calibration=calibration, backend="torch")

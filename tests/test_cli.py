@@ -47,6 +47,11 @@ def test_errors_are_one_line(tmp_path, capsys):
     assert main(["compile", str(tmp_path), "--passes", "awq:gqa_vo=yes", "--out", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err.strip()
     assert "gqa_vo='yes' must be true or false" in err and "\n" not in err
+    # so are the output paths: a file where a directory goes would fail only after the passes ran
+    (tmp_path / "taken").write_text("")
+    assert main(["compile", str(tmp_path), "--out", str(tmp_path / "taken")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"llmopt compile: error: --out {tmp_path / 'taken'} is a file; give a directory (it is created if missing)"
 
 
 def test_eval_of_a_compiled_directory_refuses_passes(shared, tmp_path, capsys):
