@@ -12,7 +12,7 @@ from llmopt.calibration import Calibration
 from llmopt.capture import capture
 from llmopt.compile import compile
 from llmopt.compiled import CompiledModel
-from llmopt.errors import CaptureError, EquivalenceError, LlmoptError, PassError, VerifyError
+from llmopt.errors import CaptureError, DeviceMemoryError, EquivalenceError, LlmoptError, PassError, VerifyError
 from llmopt.pass_manager import PassManager
 from llmopt.passes_api import Pass, PassResult
 from llmopt.pattern import Match, Pattern
@@ -20,7 +20,7 @@ from llmopt.program import Program
 from llmopt.serialize import load, save
 
 __all__ = [
-    "Calibration", "CaptureError", "CompiledModel", "EquivalenceError", "LlmoptError", "Match", "Pass",
-    "PassError", "PassManager", "PassResult", "Pattern", "Program", "VerifyError", "capture", "compile", "load",
-    "save",
+    "Calibration", "CaptureError", "CompiledModel", "DeviceMemoryError", "EquivalenceError", "LlmoptError", "Match",
+    "Pass", "PassError", "PassManager", "PassResult", "Pattern", "Program", "VerifyError", "capture", "compile",
+    "load", "save",
 ]

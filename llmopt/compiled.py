@@ -5,7 +5,7 @@ Entry point: `CompiledModel(program, report, backend)`; `cm(input_ids) -> logits
 """
 import torch
 
-from llmopt.errors import LlmoptError
+from llmopt.errors import DeviceMemoryError, LlmoptError
 
 
 class CompiledModel:
@@ -27,7 +27,7 @@ class CompiledModel:
             )
         if position_ids is not None:
             position_ids = _checked_positions(position_ids, input_ids, self.program.max_seq_len)
-        return self._runner(input_ids, position_ids)
+        return self._forward(input_ids, position_ids)
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
@@ -47,8 +47,8 @@ class CompiledModel:
             )
         eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
         finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-        for _ in range(max_new_tokens):
-            logits = self._runner(ids, None)[:, -1, :]  # [B, V]; every id in ids is checked or generated
+        for step in range(max_new_tokens):
+            logits = self._forward(ids, None, generated=step)[:, -1, :]  # [B, V]; every id is checked or generated
             nxt = sample_next(logits, do_sample, temperature, top_k, top_p, generator)  # [B]
             if eos:
                 pad = next(iter(eos))
@@ -58,6 +58,20 @@ class CompiledModel:
             if eos and bool(finished.all()):
                 break
         return ids
+
+    def _forward(self, ids: torch.Tensor, position_ids, generated: int = 0) -> torch.Tensor:
+        """The runner's logits [B, T, V]; running out of device memory becomes a DeviceMemoryError that names what
+        to shrink and, inside generate, keeps the `generated` tokens made so far (ids: [B, T])."""
+        try:
+            return self._runner(ids, position_ids)
+        except torch.OutOfMemoryError as err:
+            batch, tokens = ids.shape
+            kept = f"; the {generated} tokens generated so far are in this error's .partial" if generated else ""
+            raise DeviceMemoryError(
+                f"out of {ids.device.type} memory running {batch} sequences of {tokens} tokens "
+                f"({str(err).splitlines()[0]}): run fewer sequences a call or shorter ones{kept}",
+                partial=ids if generated else None,
+            ) from err
 
     def _checked_ids(self, input_ids) -> torch.Tensor:
         """Token ids as given -> [B, T] long on the program's device, every id in the vocabulary (an id outside

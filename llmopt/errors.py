@@ -22,3 +22,12 @@ class PassError(LlmoptError):
 
 class EquivalenceError(LlmoptError):
     """Two models that should compute the same function do not (names where they diverge)."""
+
+
+class DeviceMemoryError(LlmoptError):
+    """The device ran out of memory running the model (names the batch and length, and what to shrink);
+    `partial` holds the token ids `generate` had made before it ([B, T + n]), or None."""
+
+    def __init__(self, message: str, partial=None):
+        super().__init__(message)
+        self.partial = partial

@@ -143,3 +143,31 @@ def test_bad_position_ids_are_refused_by_name(model_and_compiled, positions, mes
     _, cm = model_and_compiled
     with pytest.raises(llmopt.LlmoptError, match=message):
         cm(PROMPT, positions)
+
+
+def test_running_out_of_device_memory_names_the_fix_and_keeps_the_tokens_made(model_and_compiled):
+    _, cm = model_and_compiled
+    expected = cm.generate(PROMPT, max_new_tokens=3)  # [2, 8]
+    runner, calls = cm._runner, []
+
+    def fails_on_the_fourth_call(ids, positions):
+        calls.append(ids.shape[1])
+        if len(calls) == 4:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+        return runner(ids, positions)
+
+    cm._runner = fails_on_the_fourth_call
+    try:
+        with pytest.raises(llmopt.DeviceMemoryError, match=r"out of cpu memory running 2 sequences of 8 tokens \(CUDA out "
+                                                           r"of memory. Tried to allocate 2.00 GiB\): run fewer sequences "
+                                                           r"a call or shorter ones; the 3 tokens generated so far are in "
+                                                           r"this error's .partial$") as caught:
+            cm.generate(PROMPT, max_new_tokens=6)
+        assert torch.equal(caught.value.partial, expected)
+        calls.clear()
+        with pytest.raises(llmopt.DeviceMemoryError, match=r"running 2 sequences of 5 tokens .*shorter ones$") as caught:
+            for _ in range(4):
+                cm(PROMPT)
+        assert caught.value.partial is None
+    finally:
+        cm._runner = runner
