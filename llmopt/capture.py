@@ -80,6 +80,7 @@ def capture(model: torch.nn.Module, example_inputs=None) -> Program:
     gm = _to_graph_module(exported)
     _unshare_weights(gm)
     config = model.config.to_dict() if hasattr(model, "config") else {}
+    _check_ops(gm, model)
     program = Program(gm, config=config, max_seq_len=max_len)
     _canonicalize_conv1d(program)
     _remove_identities(program)
@@ -137,6 +138,16 @@ def _check_model(model):
             "decoder-only causal LMs (AutoModelForCausalLM); wrap other models so that "
             "model(input_ids=..., position_ids=..., use_cache=False).logits works"
         )
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise CaptureError(
+            f"{type(model).__name__} is an encoder-decoder model ({model.config.model_type}); llmopt captures "
+            "decoder-only causal LMs (AutoModelForCausalLM: Llama, Mistral, Qwen2, Gemma, Phi-3, GPT-2, OPT, GPT-NeoX...)"
+        )
+    if hasattr(model, "can_generate") and not model.can_generate():
+        raise CaptureError(
+            f"{type(model).__name__} cannot generate text (not a causal LM head); llmopt captures decoder-only causal "
+            f"LMs: load the model with AutoModelForCausalLM rather than {type(model).__name__}"
+        )
     on_meta = next((name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta), None)
     if on_meta is not None:
         raise CaptureError(
@@ -161,6 +172,23 @@ def _example_inputs(model, example_inputs, max_len):
     if input_ids.shape[0] == 1:  # torch.export specializes a size-1 dim: trace the batch as 2 rows
         input_ids, position_ids = input_ids.repeat(2, 1), position_ids.repeat(2, 1)
     return input_ids, position_ids.contiguous()
+
+
+def _check_ops(gm: GraphModule, model) -> None:
+    """CaptureError naming the first op outside ATen in the traced graph (passes and codegen know ATen only) and the
+    model module it comes from."""
+    from llmopt.program import known_op
+
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and not known_op(node.target):
+            stack = node.meta.get("nn_module_stack") or {}
+            where = f" in {list(stack.values())[-1][0].removeprefix('model.')}" if stack else ""  # CausalLMLogits.model
+            hint = ("transformers runs its mixture-of-experts layers through that op: load the model with "
+                    "experts_implementation='batched_mm' (from_pretrained(path, experts_implementation='batched_mm')), "
+                    "which traces to ATen" if "grouped_mm" in str(node.target) else
+                    "llmopt's passes and kernels read ATen ops only; load the model with attn_implementation='sdpa' "
+                    "or 'eager', or report the model")
+            raise CaptureError(f"{type(model).__name__} traces to {node.target}{where}, an op outside ATen: {hint}")
 
 
 def _explain_export_failure(model, err) -> str:

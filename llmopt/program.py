@@ -165,7 +165,7 @@ class Program:
         for node in self.graph.nodes:
             if node.op == "get_attr" and not hasattr(self.gm, node.target):
                 raise VerifyError(f"node {node.name} reads weight {node.target!r}, which the Program lacks")
-            if node.op == "call_function" and not _known_op(node.target):
+            if node.op == "call_function" and not known_op(node.target):
                 raise VerifyError(f"node {node.name} calls {node.target}, which is neither an ATen nor an llmopt op")
             if node.op in ("call_module", "call_method"):
                 raise VerifyError(f"node {node.name} is a {node.op}; Programs hold ATen/llmopt ops only")
@@ -283,7 +283,8 @@ def _tensor_kind(value) -> tuple:
     return (type(value), )
 
 
-def _known_op(target) -> bool:
+def known_op(target) -> bool:
+    """Whether a call_function target may stand in a Program: ATen, prims, llmopt and symbolic-shape ops."""
     if target in _SYMBOLIC_TARGETS:
         return True
     if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):

@@ -128,3 +128,35 @@ def test_capture_rejects_a_model_whose_weights_are_not_loaded():
     with pytest.raises(llmopt.CaptureError, match=r"LlamaForCausalLM's weights are not loaded: model.embed_tokens.weight "
                                                   r"is on the meta device"):
         llmopt.capture(empty)
+
+
+def test_capture_rejects_what_is_not_a_decoder_only_causal_lm():
+    from transformers import BertConfig, BertForMaskedLM, T5Config, T5ForConditionalGeneration
+
+    bert = BertForMaskedLM(BertConfig(vocab_size=64, hidden_size=32, num_attention_heads=2, num_hidden_layers=1,
+                                      intermediate_size=64))
+    with pytest.raises(llmopt.CaptureError, match=r"BertForMaskedLM cannot generate text .* load the model with "
+                                                  r"AutoModelForCausalLM rather than BertForMaskedLM"):
+        llmopt.capture(bert)
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=32, d_kv=16, d_ff=64, num_layers=1, num_heads=2))
+    with pytest.raises(llmopt.CaptureError, match=r"T5ForConditionalGeneration is an encoder-decoder model \(t5\); "
+                                                  r"llmopt captures decoder-only causal LMs"):
+        llmopt.capture(t5)
+
+
+def test_capture_names_an_op_outside_aten_and_the_module_that_calls_it():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(vocab_size=64, hidden_size=32, num_attention_heads=2, num_key_value_heads=2,
+                           num_hidden_layers=1, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,
+                           max_position_embeddings=64)
+    grouped = MixtralForCausalLM._from_config(config, experts_implementation="grouped_mm").eval()
+    with pytest.raises(llmopt.CaptureError, match=r"MixtralForCausalLM traces to transformers\.grouped_mm\w*\.default in "
+                                                  r"model\.layers\.0\.mlp\.experts, an op outside ATen: .*load the model "
+                                                  r"with experts_implementation='batched_mm'"):
+        llmopt.capture(grouped)
+    batched = MixtralForCausalLM._from_config(config, experts_implementation="batched_mm").eval()
+    batched.load_state_dict(grouped.state_dict())
+    input_ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(llmopt.capture(batched).run(input_ids), eager_logits(batched, input_ids),
+                               rtol=1e-5, atol=1e-5)  # the fix the error names works
