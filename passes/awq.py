@@ -61,7 +61,7 @@ from llmopt.passes.compress.learned_rounding import STEPS
 from llmopt.passes.compress.rtn import quantize_groups
 from llmopt.passes.rtn import (
     all_finite,
-    check_bits,
+    check_format,
     check_finite,
     check_group_quantizable,
     checked_calibration,
@@ -271,7 +271,7 @@ class AWQ(Pass):
                  max_rows: int = MAX_TOKENS, include_lm_head: bool = False, duo_scaling: bool = True,
                  separate_clip: bool = True, clip_sweeps: int = 3, rounding: str = "learned", gqa_vo: bool = False,
                  tune_steps: int = STEPS):
-        check_bits(bits, "AWQ")
+        check_format(bits, group_size, "AWQ")
         if grid < 1 or max_rows < 1:
             raise PassError(f"AWQ: grid={grid} and max_rows={max_rows} must be >= 1 (defaults 20 and {MAX_TOKENS})")
         if clip_sweeps < 0:

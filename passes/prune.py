@@ -22,11 +22,11 @@ _NM = re.compile(r"^(\d+):(\d+)$")
 
 
 def _check_pattern(sparsity: float, pattern: str, who: str) -> None:
-    if not 0.0 < sparsity < 1.0:
-        raise PassError(f"{who}: sparsity={sparsity} must lie strictly between 0 and 1 (0.5 = half the weights zeroed)")
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 < sparsity < 1.0:
+        raise PassError(f"{who}: sparsity={sparsity!r} must lie strictly between 0 and 1 (0.5 = half the weights zeroed)")
     if pattern == "unstructured":
         return
-    nm = _NM.match(pattern)
+    nm = _NM.match(pattern) if isinstance(pattern, str) else None
     if nm is None or not 0 < int(nm.group(1)) < int(nm.group(2)):
         raise PassError(f"{who}: pattern={pattern!r} must be 'unstructured' or 'N:M' with 0 < N < M, e.g. '2:4' or '4:8'")
     n, m = int(nm.group(1)), int(nm.group(2))

@@ -6,7 +6,7 @@ Also what the other lossy passes (AWQ, W8A8, SmoothQuant, Wanda, MagnitudePrune)
 - `linear_targets(program, include_lm_head, who)`: the float `aten.linear` nodes a lossy pass
   rewrites: all but the lm head (unless asked) and LoRA's low-rank A/B linears, which stay in float
   so that an adapter over a quantized base runs unmerged (int4 base + 16-bit low-rank branch);
-- `check_finite`, `check_group_quantizable`, `checked_calibration`: PassErrors naming the layer
+- `check_format`, `check_finite`, `check_group_quantizable`, `checked_calibration`: PassErrors naming the layer
   and the fix, for `check()`, so that bad input is refused before anything changes (`all_finite`:
   the NaN/Inf test they and AWQ's calibration use);
 - `to_linear_wq(program, lin, qw)`: turns an `aten.linear` node into `linear_wq` in place (the same
@@ -42,9 +42,13 @@ def linear_targets(program, include_lm_head: bool, who: str) -> list:
     return targets
 
 
-def check_bits(bits: int, who: str) -> None:
-    if bits not in SUPPORTED_BITS:
-        raise PassError(f"{who}: bits={bits} is not supported; use one of {SUPPORTED_BITS} (linear_wq's layouts)")
+def check_format(bits: int, group_size: int, who: str) -> None:
+    """PassError unless bits is one linear_wq stores and group_size a positive integer (at construction, not at run)."""
+    if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
+        raise PassError(f"{who}: bits={bits!r} is not supported; use one of {SUPPORTED_BITS} (linear_wq's layouts)")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise PassError(f"{who}: group_size={group_size!r} must be a positive integer that divides each linear's input "
+                        "width (128 is usual; 32 or 64 keep more accuracy)")
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -100,7 +104,7 @@ class RTN(Pass):
     rewrites_float_linears = True
 
     def __init__(self, bits: int = 4, group_size: int = 128, symmetric: bool = False, include_lm_head: bool = False):
-        check_bits(bits, "RTN")
+        check_format(bits, group_size, "RTN")
         self.bits, self.group_size, self.symmetric, self.include_lm_head = bits, group_size, symmetric, include_lm_head
 
     def check(self, program, calibration):

@@ -452,9 +452,23 @@ def test_nm_pattern_fixes_the_sparsity():
         Wanda(0.5, "2of4")
 
 
-@pytest.mark.parametrize("make", [lambda: RTN(bits=2), lambda: RTN(bits=16), lambda: AWQ(bits=5)])
+@pytest.mark.parametrize("make", [lambda: RTN(bits=2), lambda: RTN(bits=16), lambda: AWQ(bits=5), lambda: AWQ(bits="4")])
 def test_bits_outside_3_4_8_refused(make):
-    with pytest.raises(PassError, match=r"bits=\d+ is not supported; use one of \(3, 4, 8\)"):
+    with pytest.raises(PassError, match=r"bits='?\d+'? is not supported; use one of \(3, 4, 8\)"):
+        make()
+
+
+@pytest.mark.parametrize("make, shown", [(lambda: RTN(4, 0), "0"), (lambda: AWQ(4, -1), "-1"), (lambda: AWQ(4, "128"), "'128'"),
+                                         (lambda: RTN(4, 64.0), "64.0")])
+def test_group_size_that_is_no_positive_integer_refused_at_construction(make, shown):
+    with pytest.raises(PassError, match=rf"group_size={shown} must be a positive integer that divides each linear's input"):
+        make()
+
+
+@pytest.mark.parametrize("make, message", [(lambda: Wanda("0.5"), r"sparsity='0.5' must lie strictly between 0 and 1"),
+                                           (lambda: Wanda(0.5, pattern=None), r"pattern=None must be 'unstructured' or 'N:M'")])
+def test_pruning_options_of_the_wrong_type_refused(make, message):
+    with pytest.raises(PassError, match=message):
         make()
 
 
