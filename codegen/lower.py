@@ -28,6 +28,7 @@ import torch
 from torch.fx import GraphModule
 
 import llmopt.ops  # noqa: F401  (torch.ops.llmopt.*)
+from llmopt.devices import check_triton_device
 from llmopt.codegen.sparse import use_semi_structured
 
 
@@ -86,6 +87,7 @@ class LoweredProgram:
 def lower(program, fuse: bool = True, cuda_graphs: bool = True, concat_linears: bool = True) -> LoweredProgram:
     """fuse: generated kernels for fusion groups; cuda_graphs: replay repeated shapes; concat_linears: merge
     sibling quantized linears (see the module docstring)."""
+    check_triton_device(program, "llmopt.codegen.lower")
     return LoweredProgram(program, fuse=fuse, cuda_graphs=cuda_graphs, concat_linears=concat_linears)
 
 

@@ -9,6 +9,7 @@ import torch
 
 from llmopt.calibration import Calibration
 from llmopt.compiled import CompiledModel
+from llmopt.devices import check_triton_device
 from llmopt.errors import LlmoptError
 from llmopt.pass_manager import PassManager
 
@@ -39,11 +40,8 @@ def _pick_backend(backend: str, program) -> str:
     cuda_program = program.device.type == "cuda"
     if backend == "auto":
         return "triton" if cuda_program and _has_triton_codegen() else "torch"
-    if backend == "triton" and not cuda_program and not _triton_interpreter():
-        raise LlmoptError(
-            "backend='triton' needs the model on a CUDA GPU: move it with model.to('cuda') first, use backend='torch', "
-            "or set TRITON_INTERPRET=1 to run the kernels on the CPU (slow; for tests)"
-        )
+    if backend == "triton":
+        check_triton_device(program, "backend='triton'")
     return backend
 
 
@@ -53,9 +51,3 @@ def _has_triton_codegen() -> bool:
     except ImportError:
         return False
     return torch.cuda.is_available()
-
-
-def _triton_interpreter() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

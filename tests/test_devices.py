@@ -1,4 +1,4 @@
-"""A device this machine lacks is refused by name (`llmopt.devices.checked_device`) where users name one:
+"""A device this machine lacks is refused by name (`llmopt.devices`) where users name one or lowering needs one:
 `llmopt.load(..., device=)`, `Program.to`, the CLI's `--device`. CUDA is hidden or faked with monkeypatch, so the
 tests mean the same on the CPU machine and on the GPU one."""
 import pytest
@@ -57,3 +57,12 @@ def test_cli_device_flag_is_checked_before_the_model_loads(shared, no_cuda, caps
     err = capsys.readouterr().err.strip()
     assert err.startswith("llmopt eval: error: --device: device 'cuda' asked for, but this machine has no CUDA GPU")
     assert "\n" not in err
+
+
+def test_lowering_a_cpu_program_without_the_interpreter_is_refused_by_name(saved, monkeypatch):
+    from llmopt.codegen import lower
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # tests/conftest.py sets it for kernel tests
+    with pytest.raises(llmopt.LlmoptError, match=r"llmopt.codegen.lower needs the model on a CUDA GPU \(it is on cpu\): "
+                                                 r"move it with model.to\('cuda'\)"):
+        lower(llmopt.load(saved).program)

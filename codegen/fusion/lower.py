@@ -24,6 +24,7 @@ from torch.fx import Graph, GraphModule
 from llmopt.codegen.fusion.emit import emit
 from llmopt.codegen.fusion.loader import load
 from llmopt.codegen.fusion.partition import partition
+from llmopt.errors import LlmoptError
 
 
 class FusedProgram:
@@ -117,6 +118,8 @@ def _rewrite(graph: Graph, groups: list, launchers: list) -> Graph:
 
 def _write(sources: list, directory) -> list:
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise LlmoptError(f"dump_kernels: {directory} is a file; give a directory (it is created if missing)")
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
     for source in sources:

@@ -200,6 +200,14 @@ def test_dump_kernels(tmp_path):
     assert [p.read_text() for p in paths] == [s.text for s in fused.sources]  # the code that runs
 
 
+def test_dump_kernels_to_a_file_is_refused_by_name(tmp_path):
+    taken = tmp_path / "taken.py"
+    taken.write_text("# the user's file\n")
+    with pytest.raises(llmopt.LlmoptError, match=rf"dump_kernels: {taken} is a file; give a directory"):
+        dump_kernels(program_of("llama"), taken)
+    assert taken.read_text() == "# the user's file\n"
+
+
 # ---- graph features models do not all show ---------------------------------------------------------
 
 
