@@ -1,6 +1,6 @@
 """A device this machine lacks is refused by name (`llmopt.devices`) where users name one or lowering needs one:
-`llmopt.load(..., device=)`, `Program.to`, the CLI's `--device`. CUDA is hidden or faked with monkeypatch, so the
-tests mean the same on the CPU machine and on the GPU one."""
+`llmopt.load(..., device=)`, `Program.to`, the CLI's `--device`, `lower`. CUDA is hidden or faked with monkeypatch,
+so the tests mean the same on the CPU machine and on the GPU one."""
 import pytest
 import torch
 from transformers import LlamaConfig
