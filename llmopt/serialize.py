@@ -70,6 +70,8 @@ def save(model, directory) -> Path:
     }
     _to_json(manifest)  # before writing anything: unknown ops and values JSON cannot hold fail here
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise LlmoptError(f"llmopt.save: {directory} is a file; give a directory (it is created if missing)")
     directory.mkdir(parents=True, exist_ok=True)
     _atomic_write(directory / WEIGHTS, lambda tmp: _save_safetensors(unique, tmp))
     manifest["weights"]["sha256"] = _sha256(directory / WEIGHTS)

@@ -249,6 +249,14 @@ def test_save_refuses_options_json_cannot_hold(smoothed, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_save_to_a_file_is_refused_by_name(smoothed, tmp_path):
+    taken = tmp_path / "model.bin"
+    taken.write_bytes(b"the user's bytes")
+    with pytest.raises(llmopt.LlmoptError, match=rf"llmopt.save: {taken} is a file; give a directory"):
+        smoothed.save(taken)
+    assert taken.read_bytes() == b"the user's bytes"
+
+
 def test_save_over_an_earlier_save(saved, untied):
     other = llmopt.compile(untied.copy(), backend="torch")
     (saved / "tokenizer.json").write_text("{}")  # files llmopt did not write stay
