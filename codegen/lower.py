@@ -28,8 +28,8 @@ import torch
 from torch.fx import GraphModule
 
 import llmopt.ops  # noqa: F401  (torch.ops.llmopt.*)
-from llmopt.devices import check_triton_device
 from llmopt.codegen.sparse import use_semi_structured
+from llmopt.devices import check_triton_device
 
 
 def _attention_causal(q, k, v, mask, scale, causal):

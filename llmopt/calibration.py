@@ -43,18 +43,21 @@ class Calibration:
         if data is None or isinstance(data, Calibration):
             return data
         return cls(data)
+
     def check_fits(self, program) -> None:
         """PassError unless every token id lies in `program`'s vocabulary and every sequence in its context: checked
-        before any pass runs, so a bad set fails at once rather than deep inside the embedding after earlier passes."""
+        before any pass runs, so a bad set fails at once, not deep inside the embedding after earlier passes."""
         vocab, context = program.vocab_size(), program.max_seq_len
-        for t in self.batches:
+        for t in self.batches:  # t: [n, T]
             low, high = (int(v) for v in torch.aminmax(t))
             if low < 0 or high >= vocab:
-                raise PassError(f"calibration holds token id {low if low < 0 else high}, outside the model's vocabulary "
-                                f"of {vocab} (ids 0 to {vocab - 1}): tokenize it with the model's own tokenizer")
+                raise PassError(f"calibration holds token id {low if low < 0 else high}, outside the model's "
+                                f"vocabulary of {vocab} (ids 0 to {vocab - 1}): tokenize it with the model's own "
+                                "tokenizer")
             if t.shape[1] > context:
-                raise PassError(f"calibration sequences of {t.shape[1]} tokens exceed the model's context of {context}: "
-                                f"cut them to at most {context} (seq_len= in llmopt.data.calibration_batches, --seq-len in the CLI)")
+                raise PassError(f"calibration sequences of {t.shape[1]} tokens exceed the model's context of "
+                                f"{context}: cut them to at most {context} (seq_len= in "
+                                "llmopt.data.calibration_batches, --seq-len in the CLI)")
 
     def _chunks(self):
         for t in self.batches:

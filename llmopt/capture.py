@@ -141,7 +141,8 @@ def _check_model(model):
     if getattr(model.config, "is_encoder_decoder", False):
         raise CaptureError(
             f"{type(model).__name__} is an encoder-decoder model ({model.config.model_type}); llmopt captures "
-            "decoder-only causal LMs (AutoModelForCausalLM: Llama, Mistral, Qwen2, Gemma, Phi-3, GPT-2, OPT, GPT-NeoX...)"
+            "decoder-only causal LMs (AutoModelForCausalLM: Llama, Mistral, Qwen2, Gemma, Phi-3, GPT-2, OPT, "
+            "GPT-NeoX...)"
         )
     if hasattr(model, "can_generate") and not model.can_generate():
         raise CaptureError(
@@ -180,15 +181,18 @@ def _check_ops(gm: GraphModule, model) -> None:
     from llmopt.program import known_op
 
     for node in gm.graph.nodes:
-        if node.op == "call_function" and not known_op(node.target):
-            stack = node.meta.get("nn_module_stack") or {}
-            where = f" in {list(stack.values())[-1][0].removeprefix('model.')}" if stack else ""  # CausalLMLogits.model
+        if node.op != "call_function" or known_op(node.target):
+            continue
+        stack = node.meta.get("nn_module_stack") or {}
+        where = f" in {list(stack.values())[-1][0].removeprefix('model.')}" if stack else ""  # CausalLMLogits.model
+        if "grouped_mm" in str(node.target):
             hint = ("transformers runs its mixture-of-experts layers through that op: load the model with "
                     "experts_implementation='batched_mm' (from_pretrained(path, experts_implementation='batched_mm')), "
-                    "which traces to ATen" if "grouped_mm" in str(node.target) else
-                    "llmopt's passes and kernels read ATen ops only; load the model with attn_implementation='sdpa' "
-                    "or 'eager', or report the model")
-            raise CaptureError(f"{type(model).__name__} traces to {node.target}{where}, an op outside ATen: {hint}")
+                    "which traces to ATen")
+        else:
+            hint = ("llmopt's passes and kernels read ATen ops only; load the model with attn_implementation='sdpa' or "
+                    "'eager', or report the model")
+        raise CaptureError(f"{type(model).__name__} traces to {node.target}{where}, an op outside ATen: {hint}")
 
 
 def _explain_export_failure(model, err) -> str:

@@ -3,6 +3,8 @@
 Entry point: `CompiledModel(program, report, backend)`; `cm(input_ids) -> logits [B, T, V]`,
 `cm.generate(input_ids, max_new_tokens, ...)`, `cm.program`, `cm.report()`.
 """
+import numbers
+
 import torch
 
 from llmopt.errors import DeviceMemoryError, LlmoptError
@@ -35,7 +37,7 @@ class CompiledModel:
         """input_ids: [B, T] -> [B, T + n] with n <= max_new_tokens (greedy unless do_sample)."""
         from llmopt.sampling import check_sampling_options, sample_next
 
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
             raise LlmoptError(f"max_new_tokens must be an integer >= 0; got {max_new_tokens!r}")
         if do_sample:
             check_sampling_options(temperature, top_k, top_p)

@@ -3,6 +3,8 @@
 Entry point: `sample_next(logits [B, V], do_sample, temperature, top_k, top_p, generator) -> [B]`;
 `check_sampling_options(temperature, top_k, top_p)` refuses options it cannot sample with.
 """
+import numbers
+
 import torch
 
 from llmopt.errors import LlmoptError
@@ -13,7 +15,7 @@ def check_sampling_options(temperature, top_k, top_p) -> None:
     top_p None or 1: no top-p)."""
     if not temperature > 0:
         raise LlmoptError(f"temperature must be > 0 when sampling (got {temperature}); use do_sample=False for greedy")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0):
         raise LlmoptError(f"top_k must be an integer >= 1 (or 0 / None for no top-k); got {top_k!r}")
     if top_p is not None and not 0 < top_p <= 1:
         raise LlmoptError(f"top_p must lie in (0, 1] (the probability mass kept; 1 or None for no top-p); got {top_p!r}")
