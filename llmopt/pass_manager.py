@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from llmopt.calibration import Calibration
-from llmopt.errors import EquivalenceError, PassError
+from llmopt.errors import DeviceMemoryError, EquivalenceError, PassError
 
 
 @dataclass
@@ -36,7 +36,7 @@ class PassManager:
             p.check(program, calibration)  # refuse before anything changes
             before = program.copy() if self.debug and p.exact else None
             start = time.perf_counter()
-            result = p(program, calibration)
+            result = _run_pass(p, program, calibration)
             seconds = time.perf_counter() - start
             program = result.program
             program.verify()
@@ -55,6 +55,18 @@ class PassManager:
         mismatch = compare_programs(before, after, ids, rtol=tol, atol=tol)
         if mismatch is not None:
             raise EquivalenceError(f"exact pass {p.name} changed the model's function: {mismatch}")
+
+
+def _run_pass(p, program, calibration):
+    """p(program, calibration); running out of device memory becomes a DeviceMemoryError naming the pass and the fix."""
+    try:
+        return p(program, calibration)
+    except torch.OutOfMemoryError as err:
+        raise DeviceMemoryError(
+            f"{p.name} ran out of {program.device.type} memory ({str(err).splitlines()[0]}): calibrate in smaller "
+            "batches (llmopt.Calibration(ids, batch_size=2)) or on fewer or shorter sequences, or free the memory "
+            "other tensors hold"
+        ) from err
 
 
 def _check_pass_list(passes, program, calibration):

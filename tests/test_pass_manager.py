@@ -1,5 +1,5 @@
-"""PassManager: report, verification after each pass, debug equivalence, refusals before any change;
-`llmopt.compile` argument errors."""
+"""PassManager: report, verification after each pass, debug equivalence, refusals before any change, a pass out of
+device memory; `llmopt.compile` argument errors."""
 import pytest
 import torch
 from transformers import LlamaConfig
@@ -184,6 +184,17 @@ def test_refuses_calibration_ids_outside_the_vocabulary_before_any_change(progra
 def test_refuses_calibration_longer_than_the_context_before_any_change(program):
     refusal(program, [ConstantFolding(), Smooth(0.5)], torch.zeros(1, 65, dtype=torch.long),
             r"calibration sequences of 65 tokens exceed the model's context of 64: cut them to at most 64")
+
+
+class RunsOutOfMemory(Pass):
+    def apply(self, program, calibration):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.00 GiB\n(details)")
+
+
+def test_a_pass_out_of_device_memory_is_named_with_the_fix(program):
+    with pytest.raises(llmopt.DeviceMemoryError, match=r"RunsOutOfMemory ran out of cpu memory \(CUDA out of memory. "
+                                                       r"Tried to allocate 12.00 GiB\): calibrate in smaller batches"):
+        PassManager([ConstantFolding(), RunsOutOfMemory()]).run(program)
 
 
 def test_refuses_a_pass_class_instead_of_an_instance(program):
