@@ -287,13 +287,13 @@ class AWQ(Pass):
 
     def check(self, program, calibration):
         super().check(program, checked_calibration(calibration, self.name))
-        targets = linear_targets(program, self.include_lm_head, self.name)
+        targets = linear_targets(program, self.include_lm_head)
         check_finite(program, targets, self.name)
         check_group_quantizable(program, targets, self.bits, self.group_size, self.name)
 
     def apply(self, program, calibration):
         calibration = checked_calibration(calibration, self.name)
-        targets = {lin.node for lin in linear_targets(program, self.include_lm_head, self.name)}
+        targets = {lin.node for lin in linear_targets(program, self.include_lm_head)}
         groups = [g for g in input_groups(program, self.include_lm_head) if any(c.node in targets for c in g.consumers)]
         backup, finished = _snapshot(program), False
         scaled, quantized = [], []  # scaled: [(InputGroup, AwqScales)]; quantized: [(Linear, QuantizedWeight)]

@@ -45,7 +45,7 @@ class _Prune(Pass):
 
     def check(self, program, calibration):
         super().check(program, checked_calibration(calibration, self.name) if self.needs_calibration else calibration)
-        targets = linear_targets(program, self.include_lm_head, self.name)
+        targets = linear_targets(program, self.include_lm_head)
         check_finite(program, targets, self.name)
         m = int(self.pattern.split(":")[1]) if self.pattern != "unstructured" else 1
         for lin in targets:
@@ -61,7 +61,7 @@ class _Prune(Pass):
         raise NotImplementedError
 
     def apply(self, program, calibration):
-        targets = linear_targets(program, self.include_lm_head, self.name)
+        targets = linear_targets(program, self.include_lm_head)
         scores = self.scores(program, targets, calibration)
         zeros = 0
         for lin in targets:

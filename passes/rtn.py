@@ -3,7 +3,7 @@ quantization of every linear into `torch.ops.llmopt.linear_wq` (the canonical la
 `llmopt/ops/linear_wq.py`). Lossy; needs no calibration.
 
 Also what the other lossy passes (AWQ, W8A8, SmoothQuant, Wanda, MagnitudePrune) share:
-- `linear_targets(program, include_lm_head, who)`: the float `aten.linear` nodes a lossy pass
+- `linear_targets(program, include_lm_head)`: the float `aten.linear` nodes a lossy pass
   rewrites: all but the lm head (unless asked) and LoRA's low-rank A/B linears, which stay in float
   so that an adapter over a quantized base runs unmerged (int4 base + 16-bit low-rank branch);
 - `check_format`, `check_finite`, `check_group_quantizable`, `checked_calibration`: PassErrors naming the layer
@@ -24,22 +24,15 @@ from llmopt.passes.merge_lora_quantized import lora_branch_linears
 from llmopt.passes_api import Pass, PassResult
 
 
-def linear_targets(program, include_lm_head: bool, who: str) -> list:
-    """[Linear]: the float linears to rewrite; PassError when every linear is already quantized."""
+def linear_targets(program, include_lm_head: bool) -> list:
+    """[Linear]: the float linears to rewrite (a Program whose linears are already quantized is refused earlier, by
+    `Pass.refusal`, for every pass that declares `rewrites_float_linears`)."""
     head = program.lm_head()
     branch = lora_branch_linears(program)
-    linears = program.linears()
-    targets = [
-        lin for lin in linears
+    return [
+        lin for lin in program.linears()
         if lin.kind == "dense" and lin.node not in branch and (include_lm_head or head is None or lin.node is not head.node)
     ]
-    quantized = [lin for lin in linears if lin.kind != "dense"]
-    if not targets and quantized:
-        raise PassError(
-            f"{who}: no float linear left to rewrite: {len(quantized)} linears are already quantized "
-            f"({quantized[0].kind}, e.g. {quantized[0].name}); apply one pruning/quantization recipe to the float model"
-        )
-    return targets
 
 
 def check_format(bits: int, group_size: int, who: str) -> None:
@@ -109,12 +102,12 @@ class RTN(Pass):
 
     def check(self, program, calibration):
         super().check(program, calibration)
-        targets = linear_targets(program, self.include_lm_head, self.name)
+        targets = linear_targets(program, self.include_lm_head)
         check_finite(program, targets, self.name)
         check_group_quantizable(program, targets, self.bits, self.group_size, self.name)
 
     def apply(self, program, calibration):
-        targets = linear_targets(program, self.include_lm_head, self.name)
+        targets = linear_targets(program, self.include_lm_head)
         for lin in targets:
             qw = quantize_groups(program.get_weight(lin.weight), self.bits, self.group_size, symmetric=self.symmetric)
             to_linear_wq(program, lin, qw)

@@ -78,10 +78,10 @@ class W8A8(Pass):
 
     def check(self, program, calibration):
         super().check(program, checked_calibration(calibration, self.name) if self.needs_calibration else calibration)
-        check_finite(program, linear_targets(program, self.include_lm_head, self.name), self.name)
+        check_finite(program, linear_targets(program, self.include_lm_head), self.name)
 
     def apply(self, program, calibration):
-        targets = linear_targets(program, self.include_lm_head, self.name)
+        targets = linear_targets(program, self.include_lm_head)
         absmax = None
         if self.needs_calibration:
             stats = checked_calibration(calibration, self.name).statistics(program, {lin.input for lin in targets})
@@ -108,11 +108,11 @@ class SmoothQuant(Pass):
 
     def check(self, program, calibration):
         super().check(program, checked_calibration(calibration, self.name))
-        check_finite(program, linear_targets(program, self.include_lm_head, self.name), self.name)
+        check_finite(program, linear_targets(program, self.include_lm_head), self.name)
 
     def apply(self, program, calibration):
         calibration = checked_calibration(calibration, self.name)
-        targets = linear_targets(program, self.include_lm_head, self.name)
+        targets = linear_targets(program, self.include_lm_head)
         quantized = {lin.node for lin in targets}
         groups = [
             g for g in input_groups(program, self.include_lm_head)
