@@ -54,7 +54,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from llmopt.codegen.kernels import pdl, pdl_gluon
-from llmopt.codegen.kernels.w4a16_first_use import TILE_K, fastest_streaming, first_use_config, matches_reference
+from llmopt.codegen.kernels.w4a16_first_use import (TILE_K, choices_on_disk, fastest_streaming, first_use_config,
+                                                     matches_reference)
 
 BLOCK_K = gl.constexpr(TILE_K)
 X_TILE = 8  # x rows an mma n-tile takes
@@ -270,7 +271,8 @@ CONFIGS = [(8, 1, False), (4, 2, False), (4, 1, False), (2, 1, False), (16, 1, F
 WIDE_CONFIGS = [(8, 2, True), (4, 2, True), (8, 1, True)]
 _checked = {}  # (device index, dtype) -> whether one x tile (M <= 8) matched the reference on a small odd case
 _wide_checked = {}  # the same for two x tiles (M = 9-16)
-_tuned = {}  # (device index, dtype, M bucket, N, K, G) -> the fastest config, or None where the Triton kernel was
+# (device index, dtype, M bucket, N, K, G) -> the fastest config, or None where the Triton kernel was; kept on disk
+_tuned = choices_on_disk(__file__, CONFIGS + WIDE_CONFIGS + [None])
 
 
 def configs_for(m: int) -> list:

@@ -1,18 +1,23 @@
 """What llmopt's two Gluon W4A16 kernels (`w4a16_direct.py`, `w4a16_wgmma.py`) share around their launch: which calls
-they take, their one-time check against the reference, and their per-shape choice of config.
+they take, their one-time check against the reference, and their per-shape choice of config, kept on disk.
 
 Entry point: `first_use_config(x, qweight, group_size, bits, rows, checked, tuned, check, tune) -> config | None`,
 each kernel's `choose`: None for a call the kernel does not take (another GPU than sm_90, another dtype or width, M
 outside `rows`, misaligned operands), for a kernel that failed its check, and during CUDA-graph capture before the
-check or the tuning has run (neither can run inside a capture). The helpers `check` and `tune` are built from:
+check has run in this process or the tuning in this or an earlier one (neither can run inside a capture). Each kernel
+keeps its choices in `choices_on_disk(kernel_file, choices)` (`choice_cache.py`). The helpers `check` and `tune` are
+built from:
 `matches_reference` (a small odd case against the reference op, through `first_use_check`) and `fastest_streaming`
 (every config timed on weights streamed from memory, `tuning.streaming_bench`).
 """
+from pathlib import Path
+
 import torch
 import triton
 
+from llmopt.codegen.kernels import tuning
+from llmopt.codegen.kernels.choice_cache import MISSING, ChoiceCache
 from llmopt.codegen.kernels.first_use_check import passes_first_use_check
-from llmopt.codegen.kernels.tuning import streaming_bench
 
 TILE_K = 128  # k a block in both kernels: 64 bytes a row, one group at G >= 128
 DTYPES = (torch.bfloat16, torch.float16)
@@ -21,8 +26,9 @@ DTYPES = (torch.bfloat16, torch.float16)
 def first_use_config(x: torch.Tensor, qweight: torch.Tensor, group_size: int, bits: int, rows: range,
                      checked: dict, tuned: dict, check, tune):
     """x: [M, K] contiguous, qweight: [N, K // 2] contiguous. checked: (device index, dtype) -> bool, filled by
-    check(device, dtype) once each; tuned: (device index, dtype, M bucket, N, K, G) -> config, filled by
-    tune(x, n, k, group_size) once each (the M bucket: the next power of two)."""
+    check(device, dtype) once a process each; tuned: a `ChoiceCache` of (device index, dtype, M bucket, N, K, G) ->
+    config, filled by tune(x, n, k, group_size) once each (the M bucket: the next power of two) and kept on disk, so a
+    new process on the same GPU and software reuses it."""
     m, k = x.shape
     if not (x.is_cuda and x.dtype in DTYPES and bits in (3, 4) and group_size >= TILE_K
             and group_size & (group_size - 1) == 0 and k % group_size == 0 and m in rows
@@ -39,11 +45,18 @@ def first_use_config(x: torch.Tensor, qweight: torch.Tensor, group_size: int, bi
         return None
     n = qweight.shape[0]
     tune_key = (x.device.index, x.dtype, triton.next_power_of_2(m), n, k, group_size)
-    if tune_key not in tuned:
+    choice = tuned.get(tune_key, x.device)  # a file read at most: allowed during a capture
+    if choice is MISSING:
         if capturing:
             return None
-        tuned[tune_key] = tune(x, n, k, group_size)
-    return tuned[tune_key]
+        choice = tuned.put(tune_key, x.device, tune(x, n, k, group_size))
+    return choice
+
+
+def choices_on_disk(kernel_file: str, choices: list) -> ChoiceCache:
+    """The `ChoiceCache` of the kernel in kernel_file, whose tuning can pick any of choices: keyed by that file, this
+    one and `tuning.py` (how the configs are timed)."""
+    return ChoiceCache(Path(kernel_file).stem, [kernel_file, __file__, tuning.__file__], choices)
 
 
 def random_w4(n: int, k: int, group_size: int, dtype: torch.dtype, device: torch.device, generator=None) -> tuple:
@@ -56,8 +69,8 @@ def random_w4(n: int, k: int, group_size: int, dtype: torch.dtype, device: torch
 
 def fastest_streaming(linear, configs: list, x: torch.Tensor, n: int, k: int, group_size: int):
     """linear(x, qweight, scales, zeros, bias, group_size, config) -> the fastest of configs for x against random
-    [n, k] weights, streamed from memory (`streaming_bench`: timing calls on one copy, which L2 holds, picked configs
-    up to 1.2x slower than the best on the H100; timing them launched from Python, up to 1.14x slower)."""
+    [n, k] weights, streamed from memory (`tuning.streaming_bench`: timing calls on one copy, which L2 holds, picked
+    configs up to 1.2x slower than the best on the H100; timing them launched from Python, up to 1.14x slower)."""
     x = torch.randn_like(x)
     weights = []
 
@@ -67,7 +80,8 @@ def fastest_streaming(linear, configs: list, x: torch.Tensor, n: int, k: int, gr
         return lambda: linear(x, *weights[i], None, group_size, cfg)
 
     weight_bytes = n * k // 2 + 4 * n * (k // group_size)
-    times = {cfg: streaming_bench(lambda i, cfg=cfg: make_call(i, cfg), weight_bytes, x.device) for cfg in configs}
+    times = {cfg: tuning.streaming_bench(lambda i, cfg=cfg: make_call(i, cfg), weight_bytes, x.device)
+             for cfg in configs}
     return min(times, key=times.get)
 
 

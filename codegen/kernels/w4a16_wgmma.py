@@ -38,7 +38,8 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from llmopt.codegen.kernels.split_k import arrival_counters
 from llmopt.codegen.kernels.w4a16_direct import _nibble_pairs
-from llmopt.codegen.kernels.w4a16_first_use import TILE_K, fastest_streaming, first_use_config, matches_reference
+from llmopt.codegen.kernels.w4a16_first_use import (TILE_K, choices_on_disk, fastest_streaming, first_use_config,
+                                                     matches_reference)
 
 BLOCK_K = gl.constexpr(TILE_K)
 _cta_barrier = gl.barrier if hasattr(gl, "barrier") else gl.thread_barrier  # renamed after Triton 3.6
@@ -254,7 +255,7 @@ def _store(y_ptr, b_ptr, acc, offs_m, offs_n, N, mask, stride_ym, HAS_BIAS: gl.c
 # refills the slot of block i - 2), asynchronous wgmma
 CONFIGS = [(s, t, a) for s in (2, 4, 8) for t, a in ((2, False), (4, True))]  # (4, sync) never won on the H100
 _checked = {}  # (device index, dtype) -> whether the kernel matched the reference on a small odd case
-_tuned = {}  # (device index, dtype, M bucket, N, K, G) -> the fastest of CONFIGS
+_tuned = choices_on_disk(__file__, CONFIGS)  # (device index, dtype, M bucket, N, K, G) -> the fastest; kept on disk
 
 
 def tile_m(m: int) -> int:

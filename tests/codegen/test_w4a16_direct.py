@@ -200,6 +200,16 @@ def assert_linear_wq_routes(monkeypatch, module, entry: str, cases: list):
         assert ((y[0].float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
 
 
+def forget_kept_choices(monkeypatch, tmp_path, module):
+    """module's first-use choices start empty, in this process and on disk (kept under tmp_path for the test), so a
+    test's forced picks neither come from nor reach the real cache."""
+    from llmopt.codegen.kernels import choice_cache
+
+    monkeypatch.setattr(choice_cache, "directory", lambda: tmp_path)
+    kept = module._tuned
+    monkeypatch.setattr(module, "_tuned", choice_cache.ChoiceCache(kept.kernel, [module.__file__], kept.choices))
+
+
 def assert_failing_kernel_warns_once(monkeypatch, module, entry: str, m: int, match: str):
     """module.entry raising as a Triton that cannot compile it would: linear_wq warns (match), once, and answers."""
     from llmopt.codegen.kernels import w4a16_gemm
@@ -232,7 +242,7 @@ def test_linear_wq_takes_the_direct_kernel_for_decode_rows_only(monkeypatch):
 @pytest.mark.gpu
 @needs_hopper
 @pytest.mark.parametrize("triton_fastest", [False, True])
-def test_linear_wq_runs_what_first_use_tuning_picked_at_9_to_16_rows(monkeypatch, triton_fastest):
+def test_linear_wq_runs_what_first_use_tuning_picked_at_9_to_16_rows(monkeypatch, tmp_path, triton_fastest):
     """M = 9-16: first-use tuning times the direct kernel's wide configs beside the Triton kernel; linear_wq then
     runs the direct kernel exactly when a config of it was the fastest (forced here both ways), and answers right."""
     from llmopt.codegen.kernels import w4a16_direct, w4a16_gemm
@@ -247,7 +257,7 @@ def test_linear_wq_runs_what_first_use_tuning_picked_at_9_to_16_rows(monkeypatch
     checked = {(x.device.index, x.dtype): True}  # no first-use checks here
     monkeypatch.setattr(w4a16_direct, "_checked", checked)
     monkeypatch.setattr(w4a16_direct, "_wide_checked", dict(checked))
-    monkeypatch.setattr(w4a16_direct, "_tuned", {})
+    forget_kept_choices(monkeypatch, tmp_path, w4a16_direct)
     monkeypatch.setattr(w4a16_direct, "fastest_streaming", pick)
     calls = []
     kernel = w4a16_direct.linear_w4_direct
@@ -262,6 +272,29 @@ def test_linear_wq_runs_what_first_use_tuning_picked_at_9_to_16_rows(monkeypatch
 
 @pytest.mark.gpu
 @needs_hopper
+def test_a_new_process_reuses_the_first_use_choice_kept_on_disk(monkeypatch, tmp_path):
+    """The first call per shape times the configs and keeps the fastest on disk; a new process (its own memory, the
+    same disk) takes it without timing again, even inside a CUDA-graph capture, where no timing can run."""
+    from llmopt.codegen.kernels import choice_cache, w4a16_direct
+
+    timed = []
+    x, qweight, scales, zeros, _ = _inputs(1, 520, 1024, 128, torch.bfloat16, False, seed=3)
+    monkeypatch.setattr(w4a16_direct, "_checked", {(x.device.index, x.dtype): True})  # no first-use check here
+    monkeypatch.setattr(w4a16_direct, "fastest_streaming",
+                        lambda linear, configs, *shape: timed.append(shape) or configs[-1])
+    forget_kept_choices(monkeypatch, tmp_path, w4a16_direct)
+    assert w4a16_direct.choose(x, qweight, 128, 4) == w4a16_direct.CONFIGS[-1]
+    assert len(timed) == 1 and len(list(tmp_path.glob("w4a16_direct-*.autotune.json"))) == 1
+    kept = w4a16_direct._tuned
+    monkeypatch.setattr(w4a16_direct, "_tuned", choice_cache.ChoiceCache(kept.kernel, [w4a16_direct.__file__],
+                                                                          kept.choices))  # a new process
+    with torch.cuda.graph(torch.cuda.CUDAGraph()):
+        chosen = w4a16_direct.choose(x, qweight, 128, 4)
+    assert chosen == w4a16_direct.CONFIGS[-1] and len(timed) == 1
+
+
+@pytest.mark.gpu
+@needs_hopper
 def test_a_failing_direct_kernel_warns_and_the_triton_kernel_runs(monkeypatch):
     from llmopt.codegen.kernels import w4a16_direct
 
@@ -272,7 +305,7 @@ def test_a_failing_direct_kernel_warns_and_the_triton_kernel_runs(monkeypatch):
 @pytest.mark.gpu
 @needs_hopper
 @pytest.mark.parametrize("broken_tiles", [1, 2])
-def test_a_failing_x_tile_count_warns_and_leaves_the_other_to_the_direct_kernel(monkeypatch, broken_tiles):
+def test_a_failing_x_tile_count_warns_and_leaves_the_other_to_the_direct_kernel(monkeypatch, tmp_path, broken_tiles):
     """One x tile (M <= 8) or two (M = 9-16) failing their first-use check (as on a Triton that cannot compile them):
     linear_wq warns once, answers those rows with the Triton kernel, and the other rows still take the direct kernel,
     whichever comes first."""
@@ -289,7 +322,7 @@ def test_a_failing_x_tile_count_warns_and_leaves_the_other_to_the_direct_kernel(
 
     monkeypatch.setattr(w4a16_direct, "_checked", {})
     monkeypatch.setattr(w4a16_direct, "_wide_checked", {})
-    monkeypatch.setattr(w4a16_direct, "_tuned", {})
+    forget_kept_choices(monkeypatch, tmp_path, w4a16_direct)
     monkeypatch.setattr(w4a16_direct, "linear_w4_direct", half_broken)
     monkeypatch.setattr(w4a16_direct, "fastest_streaming", lambda linear, configs, *shape: configs[0])
     broken_m, working_m = (12, 1) if broken_tiles == 2 else (1, 12)
