@@ -9,8 +9,8 @@ built by `capture_graph(calls)`, which the benchmarks' `time_graph_ms` uses too.
 Every llmopt autotuner also passes `cache_results=True`: Triton keeps each choice on disk, in its cache
 directory (TRITON_CACHE_DIR), keyed by the kernel's source, the GPU target, the tuning key and the
 configs, so a new process reuses it instead of timing the configs again (`benchmarks/warm_start.py`
-measures what that saves). Triton cannot keep the choice of a kernel whose configs have pre-hooks (the
-TMA W8A8 GEMM's): that one still tunes once per process.
+measures what that saves). The kernels llmopt tunes itself (the Gluon W4A16 kernels, the TMA W8A8 GEMM, whose
+descriptors' block shapes follow the config) keep their choices beside those, through `choice_cache.py`.
 """
 import torch
 import triton.testing

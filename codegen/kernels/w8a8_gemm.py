@@ -25,15 +25,20 @@ Two GEMM kernels, one epilogue (`_scaled`):
   weight loads in flight (a 4096-wide linear got 64 programs at M = 1 from the prefill tiles). The last
   program of a tile to arrive (an atomic counter that resets itself, `split_k.py`) adds the int32 partials,
   exactly, so every split gives the same bits, and runs the epilogue: one launch a call.
-All are autotuned per (M bucket, N, K) and GPU.
+All are tuned per (M bucket, N, K) and GPU, and the choices kept on disk (the pointer kernel's by Triton's
+autotuner, the TMA kernel's by `_tma_shape`).
 """
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+from triton.compiler.errors import CompileTimeAssertionFailure
+from triton.runtime.errors import OutOfResources, PTXASError
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from llmopt.codegen.kernels import tuning
+from llmopt.codegen.kernels.choice_cache import MISSING, ChoiceCache
 from llmopt.codegen.kernels.quantize_rows import quantize_rows
 from llmopt.codegen.kernels.split_k import sum_of_splits, tile_counters
 from llmopt.codegen.kernels.tuning import quick_bench
@@ -70,33 +75,25 @@ def _pointer_config(bm, bn, bk, warps, stages, group_m=8, split_k=1):
     return triton.Config(meta, num_warps=warps, num_stages=stages)
 
 
-def _set_block_shapes(nargs):
-    """Autotuning pre-hook: the descriptors' block shapes follow the config being launched."""
-    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
-    nargs["a_desc"].block_shape = [bm, bk]
-    nargs["b_desc"].block_shape = [bn, bk]
-    nargs["c_desc"].block_shape = nargs["r_desc"].block_shape = [bm, bn // 2 if nargs["SUBTILE"] else bn]
-
-
-def _tma_configs():
+def _tma_shapes() -> list:
+    """The TMA kernel's candidates: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, epilogue in two halves, programs per
+    SM). Tuned by `_tma_shape` rather than `triton.autotune`: the descriptors' block shapes follow the config, which
+    Triton's autotuner can only set in a per-config pre-hook, and it does not keep such choices on disk."""
     if _INTERPRET:  # one small config; subtiled, so the interpreter runs the split epilogue
-        shapes = [(32, 32, 32, 4, 1, True, 1)]
-    else:  # measured on the H200 (benchmarks/RESULTS.md): 128x128x128 tiles, 3 stages, two programs per SM
-        # (112 KB of shared memory each) lead on every M 2048-8192 Llama shape: while one program runs its
-        # epilogue the other's MMAs keep the tensor cores busy (1.72-1.99x bf16 against 1.52-1.81x for
-        # one 256x128 program per SM). The autotuner skips configs that overflow shared memory (4 stages
-        # plus a residual block); a residual block makes the two-per-SM config run one per SM at a time.
-        shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, epilogue in two halves, programs per SM)
-            (128, 128, 128, 4, 3, True, 2), (256, 128, 128, 8, 4, True, 1), (256, 128, 128, 8, 3, True, 1),
-            (128, 256, 128, 8, 3, False, 1), (128, 128, 64, 4, 6, True, 2), (128, 128, 128, 4, 4, False, 1),
-        ]
+        return [(32, 32, 32, 4, 1, True, 1)]
+    # measured on the H200 (benchmarks/RESULTS.md): 128x128x128 tiles, 3 stages, two programs per SM (112 KB of
+    # shared memory each) lead on every M 2048-8192 Llama shape: while one program runs its epilogue the other's
+    # MMAs keep the tensor cores busy (1.72-1.99x bf16 against 1.52-1.81x for one 256x128 program per SM). Configs
+    # that overflow shared memory (4 stages plus a residual block) time as infinite; a residual block makes the
+    # two-per-SM config run one per SM at a time.
     return [
-        triton.Config(
-            {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8, "SUBTILE": sub, "PROGRAMS_PER_SM": per_sm},
-            num_warps=w, num_stages=s, pre_hook=_set_block_shapes,
-        )
-        for m, n, k, w, s, sub, per_sm in shapes
+        (128, 128, 128, 4, 3, True, 2), (256, 128, 128, 8, 4, True, 1), (256, 128, 128, 8, 3, True, 1),
+        (128, 256, 128, 8, 3, False, 1), (128, 128, 64, 4, 6, True, 2), (128, 128, 128, 4, 4, False, 1),
     ]
+
+
+_TMA_SHAPES = _tma_shapes()
+_tma_choices = ChoiceCache("w8a8_gemm_tma", [__file__, tuning.__file__], _TMA_SHAPES)
 
 
 def _prune(configs, named_args, **kwargs):
@@ -152,13 +149,9 @@ def _finish_tma(
     c_desc.store([m0, n0], y.to(c_desc.dtype))
 
 
-@triton.autotune(
-    configs=_tma_configs(), key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune},
-    do_bench=quick_bench, cache_results=True,
-)
 @triton.jit
-def _w8a8_gemm_kernel(
-    # TMA descriptors (block shapes set by `_set_block_shapes`)
+def _w8a8_tma_kernel(
+    # TMA descriptors (block shapes from the config, `_launch_tma`)
     a_desc,  # a: [M, K] int8, quantized activations; blocks [BLOCK_M, BLOCK_K]
     b_desc,  # b: [N, K] int8, weight; blocks [BLOCK_N, BLOCK_K]
     c_desc,  # c: [M, N] output in the activation dtype; blocks [BLOCK_M, BLOCK_N (/ 2 if SUBTILE)]
@@ -167,14 +160,11 @@ def _w8a8_gemm_kernel(
     sa_ptr,  # sa: [M] fp32 row scales (row stride 0 for a static per-tensor scale)
     sb_ptr,  # sb: [N] fp32 column scales
     bias_ptr,  # bias: [N], read if HAS_BIAS
-    M, N, K,
-    M_BUCKET,  # autotuning key only
-    stride_sam,
+    M, N, K, stride_sam,
     # meta-parameters
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SUBTILE: tl.constexpr,  # epilogue in two column halves: half the registers and staging memory
-    PROGRAMS_PER_SM: tl.constexpr,  # the persistent grid's size per SM (read by the launcher's grid)
 ):
     # persistent: program p takes tiles p, p + programs, ...; the flattened loop lets the next
     # tile's loads start during this tile's epilogue
@@ -305,7 +295,7 @@ def _use_tma(
 
 
 def _num_programs(device: torch.device) -> int:
-    """The persistent grid's unit: one program per SM, times the config's PROGRAMS_PER_SM (two in all
+    """The persistent grid's unit: one program per SM, times the config's programs per SM (two in all
     under the interpreter, to exercise the tile loop)."""
     if device.type != "cuda":
         return 2
@@ -335,14 +325,10 @@ def int8_gemm_scaled(
         assert residual.shape == (m, n) and residual.stride(1) == 1
     res = residual if residual is not None else c  # res: [M, N], read if HAS_RESIDUAL
     scales = (sa, weight_scale, bias if bias is not None else weight_scale)
-    m_bucket = min(triton.next_power_of_2(m), 4096)
     flags = {"HAS_BIAS": bias is not None, "HAS_RESIDUAL": residual is not None}
     if _use_tma(q, weight, c, res):
-        block = [1, 1]  # placeholder: `_set_block_shapes` sets each config's blocks
-        descs = [TensorDescriptor.from_tensor(t, block) for t in (q, weight, c, res)]
-        programs = _num_programs(q.device)
-        grid = lambda meta: (min(programs * meta["PROGRAMS_PER_SM"], triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)
-        _w8a8_gemm_kernel[grid](*descs, *scales, m, n, k, m_bucket, sa.stride(0), **flags)
+        launch = lambda shape: _launch_tma(q, weight, c, res, scales, sa.stride(0), flags, shape)  # noqa: E731
+        launch(_tma_shape(launch, q.device, tma_key(q, n, out_dtype, flags)))
     else:
         decode = m <= DECODE_MAX_M
         kernel = _w8a8_gemv_kernel if decode else _w8a8_gemm_pointer_kernel
@@ -351,10 +337,58 @@ def int8_gemm_scaled(
         counters = tile_counters(q.device, m, n) if decode else ws
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
         kernel[grid](
-            q, weight, *scales, res, c, ws, counters, m, n, k, m_bucket,
+            q, weight, *scales, res, c, ws, counters, m, n, k, _m_bucket(m),
             q.stride(0), weight.stride(0), sa.stride(0), res.stride(0), c.stride(0), **flags,
         )
     return c
+
+
+def _m_bucket(m: int) -> int:
+    """The rows a tuning choice covers: M rounded up to a power of two, at most 4096."""
+    return min(triton.next_power_of_2(m), 4096)
+
+
+def tma_key(q: torch.Tensor, n: int, out_dtype: torch.dtype, flags: dict) -> tuple:
+    """q [M, K] against [N, K] weights, flags (HAS_BIAS, HAS_RESIDUAL) -> the TMA kernel's tuning key (device index,
+    M bucket, N, K, out dtype, bias, residual); `_tma_choices.get(key, q.device)` is the shape it runs."""
+    m, k = q.shape
+    return (q.device.index, _m_bucket(m), n, k, out_dtype, *flags.values())
+
+
+def _tma_shape(launch, device: torch.device, key: tuple) -> tuple:
+    """launch(shape): the TMA kernel's call with one of `_TMA_SHAPES`; key: `tma_key` -> the fastest shape for it, timed on the call's own operands on its first use (a bucket) and
+    kept on disk (`choice_cache.py`); the first candidate, untimed, during a CUDA-graph capture with none kept."""
+    shapes = [shape for shape in _TMA_SHAPES if shape[0] <= max(key[1], 64)] or _TMA_SHAPES[-1:]  # as `_prune`
+    if len(shapes) == 1:
+        return shapes[0]
+    shape = _tma_choices.get(key, device)
+    if shape is MISSING:
+        if torch.cuda.is_current_stream_capturing():
+            return shapes[0]
+        times = {candidate: _time_tma(launch, candidate) for candidate in shapes}
+        shape = _tma_choices.put(key, device, min(times, key=times.get))
+    return shape
+
+
+def _time_tma(launch, shape: tuple) -> float:
+    """ms a call of launch(shape); infinite where the config does not fit the GPU (shared memory, registers)."""
+    try:
+        return quick_bench(lambda: launch(shape), None)
+    except (OutOfResources, CompileTimeAssertionFailure, PTXASError):
+        return float("inf")
+
+
+def _launch_tma(q, weight, c, res, scales: tuple, stride_sam: int, flags: dict, shape: tuple):
+    """The TMA kernel on q [M, K], weight [N, K] -> c [M, N] (res [M, N] read if flags["HAS_RESIDUAL"]), config
+    shape (`_tma_shapes`): descriptors with its block shapes, a persistent grid of its programs per SM."""
+    block_m, block_n, block_k, warps, stages, subtile, per_sm = shape
+    m, n = c.shape
+    out_block = [block_m, block_n // 2 if subtile else block_n]
+    descs = [TensorDescriptor.from_tensor(q, [block_m, block_k]), TensorDescriptor.from_tensor(weight, [block_n, block_k]),
+             TensorDescriptor.from_tensor(c, out_block), TensorDescriptor.from_tensor(res, out_block)]
+    grid = (min(_num_programs(q.device) * per_sm, triton.cdiv(m, block_m) * triton.cdiv(n, block_n)), )
+    _w8a8_tma_kernel[grid](*descs, *scales, m, n, q.shape[1], stride_sam, **flags, BLOCK_M=block_m, BLOCK_N=block_n,
+                           BLOCK_K=block_k, GROUP_M=8, SUBTILE=subtile, num_warps=warps, num_stages=stages)
 
 
 def linear_int8(

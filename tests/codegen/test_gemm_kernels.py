@@ -175,6 +175,28 @@ def test_linear_w8a8_tma_kernel(monkeypatch, m, n, k, dtype, bias, static, resid
     _check_linear_w8a8(m, n, k, dtype, bias, static, residual)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability()[0] != 9, reason="TMA kernel: Hopper only")
+def test_tma_kernel_times_its_configs_once_and_a_new_process_reuses_the_choice(monkeypatch, tmp_path):
+    """The first prefill-sized call times the TMA kernel's candidates on its own operands and keeps the fastest on
+    disk; a new process (its own memory, the same disk) runs it without timing, and the answer is right both times."""
+    from llmopt.codegen.kernels import choice_cache, w8a8_gemm
+
+    monkeypatch.setattr(choice_cache, "directory", lambda: tmp_path)
+    new_process = lambda: choice_cache.ChoiceCache("w8a8_gemm_tma", [w8a8_gemm.__file__], w8a8_gemm._TMA_SHAPES)
+    monkeypatch.setattr(w8a8_gemm, "_tma_choices", new_process())
+    timed = []
+    time_tma = w8a8_gemm._time_tma
+    monkeypatch.setattr(w8a8_gemm, "_time_tma", lambda launch, shape: timed.append(shape) or time_tma(launch, shape))
+    monkeypatch.setattr(w8a8_gemm, "_w8a8_gemm_pointer_kernel", None)  # taking the other path fails
+    _check_linear_w8a8(1024, 256, 512, torch.bfloat16, True, False, True)
+    assert len(timed) > 1 and len(list(tmp_path.glob("w8a8_gemm_tma-*.autotune.json"))) == 1
+    monkeypatch.setattr(w8a8_gemm, "_tma_choices", new_process())
+    timed.clear()
+    _check_linear_w8a8(1024, 256, 512, torch.bfloat16, True, False, True)
+    assert timed == []
+
+
 # ---- W4A16 (and W3, W8) -----------------------------------------------------------------------
 
 
