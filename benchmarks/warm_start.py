@@ -1,6 +1,6 @@
 """First-call latency of a compiled model in a new process, with and without Triton's on-disk caches.
 
-Entry point: `python benchmarks/warm_start.py [--layers 2] [--tokens 2048]` (a CUDA GPU). The Llama-2-7B
+Entry point: `python benchmarks/warm_start.py [--layers 2] [--tokens 2048] [--cases bf16,W8A8,W4A16]` (a CUDA GPU). The Llama-2-7B
 shape of `benchmarks/e2e.py` (random weights, bf16, `--layers` of its 32 layers) is compiled for the
 Triton backend (bf16, SmoothQuant W8A8, RTN w4g128), then each case runs in three fresh processes
 sharing one new TRITON_CACHE_DIR:
@@ -68,13 +68,15 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--cases", type=lambda text: text.split(","), default=list(CASES),
+                        help=f"comma-separated, from {', '.join(CASES)}")
     parser.add_argument("--child", choices=CASES)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.layers, args.tokens)), flush=True)
         return
     rows = []
-    for case in CASES:
+    for case in args.cases:
         with tempfile.TemporaryDirectory() as cache_dir:
             for state in ("cold", "tuning not cached", "warm"):
                 if state == "tuning not cached":
