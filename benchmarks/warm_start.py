@@ -1,8 +1,8 @@
 """First-call latency of a compiled model in a new process, with and without Triton's on-disk caches.
 
-Entry point: `python benchmarks/warm_start.py [--layers 2] [--tokens 2048] [--cases bf16,W8A8,W4A16]` (a CUDA GPU). The Llama-2-7B
-shape of `benchmarks/e2e.py` (random weights, bf16, `--layers` of its 32 layers) is compiled for the
-Triton backend (bf16, SmoothQuant W8A8, RTN w4g128), then each case runs in three fresh processes
+Entry point: `python benchmarks/warm_start.py [--layers 2] [--tokens 2048] [--cases bf16,W8A8,W4A16]` (a CUDA
+GPU). The Llama-2-7B shape of `benchmarks/e2e.py` (random weights, bf16, `--layers` of its 32 layers) is
+compiled for the Triton backend (bf16, SmoothQuant W8A8, RTN w4g128), then each case runs in three fresh processes
 sharing one new TRITON_CACHE_DIR:
 - "cold": nothing cached, every kernel is compiled and every autotuned kernel tunes its configs;
 - "tuning not cached": the compiled kernels are on disk, the autotuners' results (`*.autotune.json`)

@@ -1,8 +1,9 @@
 """First-use tuning choices kept on disk, so that a new process reuses them instead of timing the configs again.
 
 Entry point: `ChoiceCache(kernel, sources, choices)`, one per kernel that tunes itself on first use (the Gluon W4A16
-kernels: `w4a16_first_use.first_use_config`); `.get(key, device)` -> the kept choice or `MISSING`, `.put(key, device,
-choice)`. Triton's own autotuners keep their choices with `cache_results=True` (`tuning.py`); this does the same for
+kernels through `w4a16_first_use.first_use_config`, the TMA W8A8 GEMM); `.get(key, device)` -> the kept choice or
+`MISSING`, `.put(key, device, choice)`, key being the tuning key without the device (the device is named by what it
+is). Triton's own autotuners keep their choices with `cache_results=True` (`tuning.py`); this does the same for
 llmopt's hand-rolled tuning, in the same place and under the same file suffix (`<Triton cache dir>/llmopt/
 *.autotune.json`), so clearing Triton's cache clears these too.
 
@@ -35,25 +36,26 @@ class ChoiceCache:
         self.choices = list(choices)
         code = b"".join(Path(source).read_bytes() for source in sources)
         self._source = hashlib.sha256(code + repr(self.choices).encode()).hexdigest()
-        self._memory = {}  # key -> choice, this process's
+        self._memory = {}  # (device index, key) -> choice, this process's
 
     def get(self, key: tuple, device: torch.device):
-        """key: the tuning key (device index first) -> the choice kept in this process or on disk, or MISSING."""
-        if key not in self._memory:
+        """key: the tuning key -> the choice kept for it on device, in this process or on disk, or MISSING."""
+        kept = (_index(device), key)
+        if kept not in self._memory:
             choice = self._read(self._path(key, device))
             if choice is MISSING:
                 return MISSING
-            self._memory[key] = choice
-        return self._memory[key]
+            self._memory[kept] = choice
+        return self._memory[kept]
 
     def put(self, key: tuple, device: torch.device, choice):
-        """Keeps choice for key in this process and on disk; returns it."""
-        self._memory[key] = choice
+        """Keeps choice for key on device, in this process and on disk; returns it."""
+        self._memory[(_index(device), key)] = choice
         self._write(self._path(key, device), key, device, choice)
         return choice
 
     def _path(self, key: tuple, device: torch.device) -> Path:
-        text = repr((self.kernel, self._source, describe_gpu(device), _portable(key)))
+        text = repr((self.kernel, self._source, describe_gpu(device), _text(key)))
         return directory() / f"{self.kernel}-{hashlib.sha256(text.encode()).hexdigest()[:32]}.autotune.json"
 
     def _read(self, path: Path):
@@ -65,7 +67,7 @@ class ChoiceCache:
         return choice if choice in self.choices else MISSING
 
     def _write(self, path: Path, key: tuple, device: torch.device, choice):
-        record = {"kernel": self.kernel, "device": describe_gpu(device), "key": list(_portable(key)),
+        record = {"kernel": self.kernel, "device": describe_gpu(device), "key": list(_text(key)),
                   "choice": choice}
         tmp = None
         try:
@@ -85,16 +87,20 @@ def directory() -> Path:
 
 def describe_gpu(device: torch.device) -> str:
     """The GPU a choice was timed on and the software that timed it, as text."""
-    return _describe_gpu(device.index if device.index is not None else torch.cuda.current_device())
+    return _describe_gpu(_index(device))
 
 
 @functools.cache
 def _describe_gpu(index: int) -> str:
     props = torch.cuda.get_device_properties(index)
-    return (f"{props.name} sm_{props.major}{props.minor} {props.multi_processor_count} SMs, triton {triton.__version__}, "
-            f"torch {torch.__version__}, cuda {torch.version.cuda}")
+    return (f"{props.name} sm_{props.major}{props.minor} {props.multi_processor_count} SMs, "
+            f"triton {triton.__version__}, torch {torch.__version__}, cuda {torch.version.cuda}")
 
 
-def _portable(key: tuple) -> tuple:
-    """The tuning key without its device index (the device is named by what it is instead)."""
-    return tuple(str(v) for v in key[1:])
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _text(key: tuple) -> tuple:
+    """The tuning key as text, the same in every process (a dtype as 'torch.bfloat16')."""
+    return tuple(str(v) for v in key)

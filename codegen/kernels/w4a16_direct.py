@@ -271,7 +271,7 @@ CONFIGS = [(8, 1, False), (4, 2, False), (4, 1, False), (2, 1, False), (16, 1, F
 WIDE_CONFIGS = [(8, 2, True), (4, 2, True), (8, 1, True)]
 _checked = {}  # (device index, dtype) -> whether one x tile (M <= 8) matched the reference on a small odd case
 _wide_checked = {}  # the same for two x tiles (M = 9-16)
-# (device index, dtype, M bucket, N, K, G) -> the fastest config, or None where the Triton kernel was; kept on disk
+# (dtype, M bucket, N, K, G) -> the fastest config, or None where the Triton kernel was; kept on disk
 _tuned = choices_on_disk(__file__, CONFIGS + WIDE_CONFIGS + [None])
 
 

@@ -26,7 +26,7 @@ DTYPES = (torch.bfloat16, torch.float16)
 def first_use_config(x: torch.Tensor, qweight: torch.Tensor, group_size: int, bits: int, rows: range,
                      checked: dict, tuned: dict, check, tune):
     """x: [M, K] contiguous, qweight: [N, K // 2] contiguous. checked: (device index, dtype) -> bool, filled by
-    check(device, dtype) once a process each; tuned: a `ChoiceCache` of (device index, dtype, M bucket, N, K, G) ->
+    check(device, dtype) once a process each; tuned: a `ChoiceCache` of (dtype, M bucket, N, K, G) ->
     config, filled by tune(x, n, k, group_size) once each (the M bucket: the next power of two) and kept on disk, so a
     new process on the same GPU and software reuses it."""
     m, k = x.shape
@@ -44,7 +44,7 @@ def first_use_config(x: torch.Tensor, qweight: torch.Tensor, group_size: int, bi
     if not checked[check_key]:
         return None
     n = qweight.shape[0]
-    tune_key = (x.device.index, x.dtype, triton.next_power_of_2(m), n, k, group_size)
+    tune_key = (x.dtype, triton.next_power_of_2(m), n, k, group_size)
     choice = tuned.get(tune_key, x.device)  # a file read at most: allowed during a capture
     if choice is MISSING:
         if capturing:

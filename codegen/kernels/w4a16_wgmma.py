@@ -255,7 +255,7 @@ def _store(y_ptr, b_ptr, acc, offs_m, offs_n, N, mask, stride_ym, HAS_BIAS: gl.c
 # refills the slot of block i - 2), asynchronous wgmma
 CONFIGS = [(s, t, a) for s in (2, 4, 8) for t, a in ((2, False), (4, True))]  # (4, sync) never won on the H100
 _checked = {}  # (device index, dtype) -> whether the kernel matched the reference on a small odd case
-_tuned = choices_on_disk(__file__, CONFIGS)  # (device index, dtype, M bucket, N, K, G) -> the fastest; kept on disk
+_tuned = choices_on_disk(__file__, CONFIGS)  # (dtype, M bucket, N, K, G) -> the fastest; kept on disk
 
 
 def tile_m(m: int) -> int:

@@ -96,10 +96,14 @@ _TMA_SHAPES = _tma_shapes()
 _tma_choices = ChoiceCache("w8a8_gemm_tma", [__file__, tuning.__file__], _TMA_SHAPES)
 
 
+def _tile_fits(block_m: int, m_bucket: int) -> bool:
+    """Tiles no taller than the M bucket (a 256-row tile wastes most of itself on 16 tokens); 64 rows always fit."""
+    return block_m <= max(m_bucket, 64)
+
+
 def _prune(configs, named_args, **kwargs):
-    """Tiles no taller than the M bucket (a 256-row tile wastes most of itself on 16 tokens)."""
-    fitting = [c for c in configs if c.kwargs["BLOCK_M"] <= max(named_args["M_BUCKET"], 64)]
-    return fitting or configs[-1:]
+    """The pointer kernels' configs whose tiles fit the M bucket (`_tile_fits`), or the last."""
+    return [c for c in configs if _tile_fits(c.kwargs["BLOCK_M"], named_args["M_BUCKET"])] or configs[-1:]
 
 
 @triton.jit
@@ -349,16 +353,18 @@ def _m_bucket(m: int) -> int:
 
 
 def tma_key(q: torch.Tensor, n: int, out_dtype: torch.dtype, flags: dict) -> tuple:
-    """q [M, K] against [N, K] weights, flags (HAS_BIAS, HAS_RESIDUAL) -> the TMA kernel's tuning key (device index,
-    M bucket, N, K, out dtype, bias, residual); `_tma_choices.get(key, q.device)` is the shape it runs."""
+    """q [M, K] against [N, K] weights, flags (HAS_BIAS, HAS_RESIDUAL) -> the TMA kernel's tuning key (M bucket, N,
+    K, out dtype, bias, residual); `_tma_choices.get(key, q.device)` is the shape it runs."""
     m, k = q.shape
-    return (q.device.index, _m_bucket(m), n, k, out_dtype, *flags.values())
+    return (_m_bucket(m), n, k, out_dtype, *flags.values())
 
 
 def _tma_shape(launch, device: torch.device, key: tuple) -> tuple:
-    """launch(shape): the TMA kernel's call with one of `_TMA_SHAPES`; key: `tma_key` -> the fastest shape for it, timed on the call's own operands on its first use (a bucket) and
-    kept on disk (`choice_cache.py`); the first candidate, untimed, during a CUDA-graph capture with none kept."""
-    shapes = [shape for shape in _TMA_SHAPES if shape[0] <= max(key[1], 64)] or _TMA_SHAPES[-1:]  # as `_prune`
+    """launch(shape): the TMA kernel's call with one of `_TMA_SHAPES`; key: `tma_key` -> the fastest shape for it,
+    timed on the call's own operands on its first use (a bucket) and kept on disk (`choice_cache.py`); the first
+    candidate, untimed, during a CUDA-graph capture with none kept."""
+    m_bucket = key[0]
+    shapes = [shape for shape in _TMA_SHAPES if _tile_fits(shape[0], m_bucket)] or _TMA_SHAPES[-1:]
     if len(shapes) == 1:
         return shapes[0]
     shape = _tma_choices.get(key, device)
@@ -384,7 +390,8 @@ def _launch_tma(q, weight, c, res, scales: tuple, stride_sam: int, flags: dict, 
     block_m, block_n, block_k, warps, stages, subtile, per_sm = shape
     m, n = c.shape
     out_block = [block_m, block_n // 2 if subtile else block_n]
-    descs = [TensorDescriptor.from_tensor(q, [block_m, block_k]), TensorDescriptor.from_tensor(weight, [block_n, block_k]),
+    descs = [TensorDescriptor.from_tensor(q, [block_m, block_k]),
+             TensorDescriptor.from_tensor(weight, [block_n, block_k]),
              TensorDescriptor.from_tensor(c, out_block), TensorDescriptor.from_tensor(res, out_block)]
     grid = (min(_num_programs(q.device) * per_sm, triton.cdiv(m, block_m) * triton.cdiv(n, block_n)), )
     _w8a8_tma_kernel[grid](*descs, *scales, m, n, q.shape[1], stride_sam, **flags, BLOCK_M=block_m, BLOCK_N=block_n,

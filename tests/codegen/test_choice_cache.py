@@ -10,7 +10,7 @@ from llmopt.codegen.kernels import choice_cache
 from llmopt.codegen.kernels.choice_cache import MISSING, ChoiceCache
 
 CHOICES = [(8, 1, False), (4, 2, True), None]
-KEY = (0, torch.bfloat16, 1, 4096, 4096, 128)  # device index, dtype, M bucket, N, K, G
+KEY = (torch.bfloat16, 1, 4096, 4096, 128)  # dtype, M bucket, N, K, G
 CUDA0 = torch.device("cuda", 0)
 
 
@@ -40,12 +40,13 @@ def test_a_new_process_reads_back_the_choice(kept, tmp_path, choice):
 
 def test_another_shape_gpu_source_or_candidate_list_tunes_again(kept, monkeypatch):
     kept().put(KEY, CUDA0, CHOICES[1])
-    assert kept().get((0, torch.bfloat16, 1, 4096, 11008, 128), CUDA0) is MISSING  # another shape
-    assert kept().get((0, torch.float16, 1, 4096, 4096, 128), CUDA0) is MISSING  # another dtype
-    assert kept().get((1, ) + KEY[1:], torch.device("cuda", 1)) == CHOICES[1]  # another card of the same GPU
+    assert kept().get((torch.bfloat16, 1, 4096, 11008, 128), CUDA0) is MISSING  # another shape
+    assert kept().get((torch.float16, 1, 4096, 4096, 128), CUDA0) is MISSING  # another dtype
+    assert kept().get(KEY, torch.device("cuda", 1)) == CHOICES[1]  # another card of the same GPU
     assert kept(code="# kernel v2\n").get(KEY, CUDA0) is MISSING  # the kernel changed
     assert kept(choices=CHOICES + [(2, 1, False)]).get(KEY, CUDA0) is MISSING  # so did its candidates
-    monkeypatch.setattr(choice_cache, "describe_gpu", lambda device: "NVIDIA H100 80GB HBM3 sm_90 132 SMs, triton 3.6.0")
+    h100 = "NVIDIA H100 80GB HBM3 sm_90 132 SMs, triton 3.6.0"
+    monkeypatch.setattr(choice_cache, "describe_gpu", lambda device: h100)
     assert kept().get(KEY, CUDA0) is MISSING  # another GPU
 
 

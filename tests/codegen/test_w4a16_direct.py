@@ -206,8 +206,14 @@ def forget_kept_choices(monkeypatch, tmp_path, module):
     from llmopt.codegen.kernels import choice_cache
 
     monkeypatch.setattr(choice_cache, "directory", lambda: tmp_path)
-    kept = module._tuned
-    monkeypatch.setattr(module, "_tuned", choice_cache.ChoiceCache(kept.kernel, [module.__file__], kept.choices))
+    monkeypatch.setattr(module, "_tuned", choices_of_a_new_process(module))
+
+
+def choices_of_a_new_process(module):
+    """A `ChoiceCache` like module's, with nothing in memory, as a new process has."""
+    from llmopt.codegen.kernels.choice_cache import ChoiceCache
+
+    return ChoiceCache(module._tuned.kernel, [module.__file__], module._tuned.choices)
 
 
 def assert_failing_kernel_warns_once(monkeypatch, module, entry: str, m: int, match: str):
@@ -275,7 +281,7 @@ def test_linear_wq_runs_what_first_use_tuning_picked_at_9_to_16_rows(monkeypatch
 def test_a_new_process_reuses_the_first_use_choice_kept_on_disk(monkeypatch, tmp_path):
     """The first call per shape times the configs and keeps the fastest on disk; a new process (its own memory, the
     same disk) takes it without timing again, even inside a CUDA-graph capture, where no timing can run."""
-    from llmopt.codegen.kernels import choice_cache, w4a16_direct
+    from llmopt.codegen.kernels import w4a16_direct
 
     timed = []
     x, qweight, scales, zeros, _ = _inputs(1, 520, 1024, 128, torch.bfloat16, False, seed=3)
@@ -285,9 +291,7 @@ def test_a_new_process_reuses_the_first_use_choice_kept_on_disk(monkeypatch, tmp
     forget_kept_choices(monkeypatch, tmp_path, w4a16_direct)
     assert w4a16_direct.choose(x, qweight, 128, 4) == w4a16_direct.CONFIGS[-1]
     assert len(timed) == 1 and len(list(tmp_path.glob("w4a16_direct-*.autotune.json"))) == 1
-    kept = w4a16_direct._tuned
-    monkeypatch.setattr(w4a16_direct, "_tuned", choice_cache.ChoiceCache(kept.kernel, [w4a16_direct.__file__],
-                                                                          kept.choices))  # a new process
+    monkeypatch.setattr(w4a16_direct, "_tuned", choices_of_a_new_process(w4a16_direct))
     with torch.cuda.graph(torch.cuda.CUDAGraph()):
         chosen = w4a16_direct.choose(x, qweight, 128, 4)
         x.add_(0)  # a graph with a kernel in it (an empty one warns)
