@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from llmopt.errors import PassError
+from llmopt.token_ranges import vocabulary_problem
 
 
 @dataclass
@@ -49,11 +50,9 @@ class Calibration:
         before any pass runs, so a bad set fails at once, not deep inside the embedding after earlier passes."""
         vocab, context = program.vocab_size(), program.max_seq_len
         for t in self.batches:  # t: [n, T]
-            low, high = (int(v) for v in torch.aminmax(t))
-            if low < 0 or high >= vocab:
-                raise PassError(f"calibration holds token id {low if low < 0 else high}, outside the model's "
-                                f"vocabulary of {vocab} (ids 0 to {vocab - 1}): tokenize it with the model's own "
-                                "tokenizer")
+            problem = vocabulary_problem(t, vocab, "calibration")
+            if problem:
+                raise PassError(problem)
             if t.shape[1] > context:
                 raise PassError(f"calibration sequences of {t.shape[1]} tokens exceed the model's context of "
                                 f"{context}: cut them to at most {context} (seq_len= in "

@@ -8,6 +8,7 @@ import numbers
 import torch
 
 from llmopt.errors import DeviceMemoryError, LlmoptError
+from llmopt.token_ranges import first_outside, vocabulary_problem
 
 
 class CompiledModel:
@@ -81,11 +82,9 @@ class CompiledModel:
         ids = _as_batch(input_ids)  # [B, T]
         if self._vocab_size is None:
             self._vocab_size = self.program.vocab_size()
-        low, high = (int(v) for v in torch.aminmax(ids))
-        if low < 0 or high >= self._vocab_size:
-            raise LlmoptError(f"input_ids holds token id {low if low < 0 else high}, outside the model's vocabulary "
-                              f"of {self._vocab_size} (ids 0 to {self._vocab_size - 1}): tokenize with the model's own "
-                              "tokenizer")
+        problem = vocabulary_problem(ids, self._vocab_size, "input_ids")
+        if problem:
+            raise LlmoptError(problem)
         return ids.to(device=self.program.device, dtype=torch.long)
 
     def save(self, directory):
@@ -139,8 +138,8 @@ def _checked_positions(position_ids, input_ids: torch.Tensor, context: int) -> t
             or positions.shape[0] not in (1, batch):
         raise LlmoptError(f"position_ids must be integer positions [B, T] (or [1, T], [T]) matching input_ids "
                           f"{[batch, tokens]}; got {positions.dtype} {list(positions.shape)}")
-    low, high = (int(v) for v in torch.aminmax(positions))
-    if low < 0 or high >= context:
-        raise LlmoptError(f"position_ids holds position {low if low < 0 else high}, outside the model's context of "
-                          f"{context} (positions 0 to {context - 1})")
+    bad = first_outside(positions, context)
+    if bad is not None:
+        raise LlmoptError(f"position_ids holds position {bad}, outside the model's context of {context} (positions 0 "
+                          f"to {context - 1})")
     return positions.expand(batch, tokens).to(device=input_ids.device, dtype=torch.long).contiguous()
