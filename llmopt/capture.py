@@ -82,6 +82,7 @@ def capture(model: torch.nn.Module, example_inputs=None) -> Program:
     config = model.config.to_dict() if hasattr(model, "config") else {}
     _check_ops(gm, model)
     program = Program(gm, config=config, max_seq_len=max_len)
+    program.adopt_meta()  # torch.export derived every shape already; recompile() below derives those of the edits
     _canonicalize_conv1d(program)
     _remove_identities(program)
     program.recompile()

@@ -141,7 +141,8 @@ class Program:
     def refresh_meta(self):
         """Re-derive `meta["val"]` (fake tensors with symbolic dims) for every node, in order. Nothing to do when
         neither the graph nor any weight's shape, dtype or device changed since the last derivation: a pass's
-        `recompile()` and the pass manager's `verify()` right after it derive them once (~1 s for the reference model)."""
+        `recompile()` and the pass manager's `verify()` right after it derive them once. Otherwise only the nodes
+        a change reaches run again (`_FakePropagation`): after a pass that swaps the linears, the new nodes."""
         key = self._derivation_key()
         if key == self._derived_for:
             return
@@ -149,6 +150,11 @@ class Program:
         mode = placeholders[0].meta["val"].fake_mode
         _FakePropagation(self.gm, mode).run(*[p.meta["val"] for p in placeholders])
         self._derived_for = key
+
+    def adopt_meta(self):
+        """Take every node's present `meta["val"]` as derived (right after a capture: torch.export's own values), so
+        the next `refresh_meta` runs only the nodes edited since."""
+        _FakePropagation(self.gm, mode=None).adopt()
 
     def _derivation_key(self) -> tuple:
         """What the derived shapes depend on: the graph's text, each weight's kind, the input placeholders' values."""
@@ -255,16 +261,24 @@ def run_logits(gm: GraphModule, input_ids: torch.Tensor, position_ids: torch.Ten
 
 
 class _FakePropagation(torch.fx.Interpreter):
-    """Runs the graph on fake tensors (symbolic shapes kept) and stores each result in meta['val']."""
+    """Runs the graph on fake tensors (symbolic shapes kept) and stores each result in meta['val'].
+
+    Incremental: a node whose target, arguments and input values (the same objects) are those it was last derived
+    from keeps its value without running; a node that runs and gives a value of the same kind (shape, strides,
+    dtype, device) as before keeps the old object, so the nodes after it need not run either. A get_attr node is
+    derived from its weight's kind. What each node was derived from sits in meta[_DERIVED_FROM]."""
 
     def __init__(self, gm, mode):
         super().__init__(gm)
         self.mode = mode
 
     def run_node(self, n):
-        if n.op == "placeholder":
-            result = super().run_node(n)
-        elif n.op == "get_attr":
+        if n.op in ("placeholder", "output"):
+            return super().run_node(n)
+        source = self._source(n)
+        if n.meta.get(_DERIVED_FROM) == source and "val" in n.meta:
+            return n.meta["val"]
+        if n.op == "get_attr":
             result = self.mode.from_tensor(getattr(self.module, n.target), static_shapes=True)
         else:
             try:
@@ -272,9 +286,58 @@ class _FakePropagation(torch.fx.Interpreter):
                     result = super().run_node(n)
             except Exception as err:  # re-raised with the node named
                 raise VerifyError(f"node {n.name} ({_op_name(n.target)}) fails on its input shapes: {err}") from err
-        if n.op != "output":
+        if not _same_kind(n.meta.get("val"), result):
             n.meta["val"] = result
-        return result
+        n.meta[_DERIVED_FROM] = source
+        return n.meta["val"]
+
+    def adopt(self):
+        for n in self.module.graph.nodes:
+            if n.op not in ("placeholder", "output") and "val" in n.meta:
+                n.meta[_DERIVED_FROM] = self._source(n)
+
+    def _source(self, n) -> "_Source":
+        if n.op == "get_attr":
+            return _Source((n.target, *_tensor_kind(getattr(self.module, n.target, None))), ())
+        inputs = tuple(a.meta.get("val") for a in n.all_input_nodes)
+        return _Source((n.target, repr(n.args), repr(n.kwargs)), inputs)
+
+
+_DERIVED_FROM = "llmopt_derived_from"
+
+
+class _Source:
+    """What a node's value was derived from: a hashable description and its input values, compared by identity
+    (fake tensors' `==` would compute; holding them also keeps their ids from being reused)."""
+
+    def __init__(self, description: tuple, inputs: tuple):
+        self.description, self.inputs = description, inputs
+
+    def __eq__(self, other):
+        return (isinstance(other, _Source) and self.description == other.description
+                and len(self.inputs) == len(other.inputs) and all(a is b for a, b in zip(self.inputs, other.inputs)))
+
+
+def _same_kind(old, new) -> bool:
+    """Whether two derived values are interchangeable for shape derivation: tensors of one shape, strides, dtype and
+    device (symbolic dims compared as expressions), equal symbolic or plain scalars, or sequences of such."""
+    if type(old) is not type(new):
+        return False
+    if isinstance(new, torch.Tensor):
+        return (new.dtype == old.dtype and new.device == old.device and _same_dims(new.shape, old.shape)
+                and _same_dims(new.stride(), old.stride()))
+    if isinstance(new, (tuple, list)):
+        return len(new) == len(old) and all(_same_kind(a, b) for a, b in zip(old, new))
+    if isinstance(new, torch.SymInt):
+        return new.node.expr == old.node.expr
+    return new is None or isinstance(new, (int, float, bool)) and new == old
+
+
+def _same_dims(a, b) -> bool:
+    return len(a) == len(b) and all(
+        (x.node.expr == y.node.expr) if isinstance(x, torch.SymInt) and isinstance(y, torch.SymInt)
+        else (type(x) is type(y) and x == y) for x, y in zip(a, b)
+    )
 
 
 def _tensor_kind(value) -> tuple:

@@ -126,6 +126,34 @@ def test_shapes_are_derived_again_only_after_a_change(program, monkeypatch):
     assert len(runs) == before + 2 and doubled.meta["val"].dtype == torch.float32
 
 
+def test_an_edit_derives_again_only_the_nodes_it_reaches(program, monkeypatch):
+    """Shapes are re-derived incrementally: a node whose inputs kept their values is not run, and a node whose value
+    keeps its shape, strides and dtype stops the change; a change of shape runs on to the logits."""
+    computed = []
+    run_node = torch.fx.Interpreter.run_node
+    monkeypatch.setattr(torch.fx.Interpreter, "run_node",
+                        lambda self, n: (n.op == "call_function" and computed.append(n)) or run_node(self, n))
+    program.recompile()
+    computed.clear()
+    first = program.linears()[0].node  # a q/k/v projection, read by a view
+    with program.graph.inserting_after(first):
+        doubled = program.graph.call_function(torch.ops.aten.mul.Tensor, (first, 2.0))
+    first.replace_all_uses_with(doubled)
+    doubled.args = (first, 2.0)
+    program.recompile()
+    # the new mul and its users (their input changed), whose values keep their kind: nothing after them runs
+    assert computed[0] is doubled and set(computed[1:]) == set(doubled.users) and len(doubled.users) < 3
+    computed.clear()
+    head = program.lm_head()
+    vocab = program.get_weight(head.weight).shape[0]
+    program.set_weight(head.weight, torch.zeros(vocab + 3, program.get_weight(head.weight).shape[1]))
+    program.recompile()
+    assert head.node in computed and doubled not in computed
+    output = next(iter(program.nodes("output")))
+    assert all(program.shape(n)[-1] == vocab + 3 for n in output.all_input_nodes if n.meta["val"].dim() == 3)
+    assert program.run(ids()).shape[-1] == vocab + 3
+
+
 def test_dump_lists_nodes_with_roles_shapes_and_dtypes(program):
     text = program.dump()
     assert len(text.splitlines()) == len(program.graph.nodes)
