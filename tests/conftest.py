@@ -1,7 +1,8 @@
 """Test-wide set-up: without a CUDA GPU, Triton kernels run under the Triton interpreter.
 
 triton reads TRITON_INTERPRET when `@triton.jit` decorates a kernel, so it is set here, before any
-test module imports llmopt.codegen. Also: the `shared` fixture (the read-only ../shared folder), the session's
+test module imports llmopt.codegen. `llmopt.capture` remembers its captures for the session (tests/capture_cache.py).
+Also: the `shared` fixture (the read-only ../shared folder), the session's
 `reference_model`, and the release of cached GPU memory after each `gpu` test.
 """
 import os
@@ -14,6 +15,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def pytest_configure(config):
+    from tests import capture_cache
+
+    capture_cache.install()
 
 
 @pytest.fixture(scope="session")
