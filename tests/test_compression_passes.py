@@ -367,7 +367,10 @@ def test_wanda_2of4_then_awq_keeps_the_pattern(rounding):
         w = torch.ops.llmopt.linear_wq(torch.eye(scales.shape[1] * g), qweight, scales, zeros, None, g, 4).t()  # [N, K]
         assert ((w == 0).reshape(w.shape[0], -1, 4).sum(dim=-1) >= 2).all(), lin.name
         assert lin.node.meta["sparsity"] == "2:4"
-    assert rel_error(out, program, inputs(config.vocab_size)) < 1.0
+    # pruning half of a random model's weights changes its logits entirely (relative error ~1); what AWQ adds on top
+    # is measured against the pruned model: about what it costs a dense one (0.15 here, 0.22 dense)
+    pruned = run([Wanda(0.5, "2:4")], program.copy(), calibration(config.vocab_size)).run(inputs(config.vocab_size))
+    assert float((out.run(inputs(config.vocab_size)) - pruned).norm() / pruned.norm()) < 0.3
 
 
 # ---- bad input ------------------------------------------------------------------------------------
