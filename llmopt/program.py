@@ -11,6 +11,7 @@ import operator
 
 import torch
 from torch._dispatch.python import enable_python_dispatcher
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx import GraphModule, Node
 
 from llmopt.errors import VerifyError
@@ -307,8 +308,8 @@ _DERIVED_FROM = "llmopt_derived_from"
 
 
 class _Source:
-    """What a node's value was derived from: a hashable description and its input values, compared by identity
-    (fake tensors' `==` would compute; holding them also keeps their ids from being reused)."""
+    """What a node's value was derived from: a description (compared with ==) and its input values, compared by
+    identity (fake tensors' `==` would compute; holding them also keeps their ids from being reused)."""
 
     def __init__(self, description: tuple, inputs: tuple):
         self.description, self.inputs = description, inputs
@@ -323,8 +324,9 @@ def _same_kind(old, new) -> bool:
     device (symbolic dims compared as expressions), equal symbolic or plain scalars, or sequences of such."""
     if type(old) is not type(new):
         return False
-    if isinstance(new, torch.Tensor):
-        return (new.dtype == old.dtype and new.device == old.device and _same_dims(new.shape, old.shape)
+    if isinstance(new, torch.Tensor):  # plain fake tensors only: a subclass (a sparse weight) is always taken anew
+        return (type(new) is FakeTensor and new.layout == old.layout == torch.strided and new.dtype == old.dtype
+                and new.device == old.device and _same_dims(new.shape, old.shape)
                 and _same_dims(new.stride(), old.stride()))
     if isinstance(new, (tuple, list)):
         return len(new) == len(old) and all(_same_kind(a, b) for a, b in zip(old, new))
