@@ -171,9 +171,11 @@ def test_the_suites_remembered_captures_are_independent_copies_of_the_same_model
     assert again is not first and again.get_weight(head) is not first.get_weight(head)
     again.set_weight(head, torch.zeros_like(again.get_weight(head)))
     input_ids = torch.randint(0, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(llmopt.capture(model).run(input_ids), eager_logits(model, input_ids), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(llmopt.capture(model).run(input_ids), eager_logits(model, input_ids),
+                               rtol=1e-5, atol=1e-5)
     other = build_model(model.config, seed=7)
-    torch.testing.assert_close(llmopt.capture(other).run(input_ids), eager_logits(other, input_ids), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(llmopt.capture(other).run(input_ids), eager_logits(other, input_ids),
+                               rtol=1e-5, atol=1e-5)
     doubling = other.get_input_embeddings().register_forward_hook(lambda module, args, out: out * 2)
     hooked = llmopt.capture(other).run(input_ids)
     doubling.remove()
