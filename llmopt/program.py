@@ -326,20 +326,12 @@ def _same_kind(old, new) -> bool:
         return False
     if isinstance(new, torch.Tensor):  # plain fake tensors only: a subclass (a sparse weight) is always taken anew
         return (type(new) is FakeTensor and new.layout == old.layout == torch.strided and new.dtype == old.dtype
-                and new.device == old.device and _same_dims(new.shape, old.shape)
-                and _same_dims(new.stride(), old.stride()))
+                and new.device == old.device and _same_kind((*old.shape, *old.stride()), (*new.shape, *new.stride())))
     if isinstance(new, (tuple, list)):
         return len(new) == len(old) and all(_same_kind(a, b) for a, b in zip(old, new))
     if isinstance(new, torch.SymInt):
         return new.node.expr == old.node.expr
     return new is None or isinstance(new, (int, float, bool)) and new == old
-
-
-def _same_dims(a, b) -> bool:
-    return len(a) == len(b) and all(
-        (x.node.expr == y.node.expr) if isinstance(x, torch.SymInt) and isinstance(y, torch.SymInt)
-        else (type(x) is type(y) and x == y) for x, y in zip(a, b)
-    )
 
 
 def _tensor_kind(value) -> tuple:
