@@ -155,7 +155,9 @@ class Program:
     def adopt_meta(self):
         """Take every node's present `meta["val"]` as derived (right after a capture: torch.export's own values), so
         the next `refresh_meta` runs only the nodes edited since."""
-        _FakePropagation(self.gm, mode=None).adopt()
+        for n in self.graph.nodes:
+            if n.op not in ("placeholder", "output") and "val" in n.meta:
+                n.meta[_DERIVED_FROM] = _source(self.gm, n)
 
     def _derivation_key(self) -> tuple:
         """What the derived shapes depend on: the graph's text, each weight's kind, the input placeholders' values."""
@@ -276,7 +278,7 @@ class _FakePropagation(torch.fx.Interpreter):
     def run_node(self, n):
         if n.op in ("placeholder", "output"):
             return super().run_node(n)
-        source = self._source(n)
+        source = _source(self.module, n)
         if n.meta.get(_DERIVED_FROM) == source and "val" in n.meta:
             return n.meta["val"]
         if n.op == "get_attr":
@@ -292,19 +294,16 @@ class _FakePropagation(torch.fx.Interpreter):
         n.meta[_DERIVED_FROM] = source
         return n.meta["val"]
 
-    def adopt(self):
-        for n in self.module.graph.nodes:
-            if n.op not in ("placeholder", "output") and "val" in n.meta:
-                n.meta[_DERIVED_FROM] = self._source(n)
-
-    def _source(self, n) -> "_Source":
-        if n.op == "get_attr":
-            return _Source((n.target, *_tensor_kind(getattr(self.module, n.target, None))), ())
-        inputs = tuple(a.meta.get("val") for a in n.all_input_nodes)
-        return _Source((n.target, repr(n.args), repr(n.kwargs)), inputs)
-
 
 _DERIVED_FROM = "llmopt_derived_from"
+
+
+def _source(gm: GraphModule, n: Node) -> "_Source":
+    """What node `n` of `gm` is derived from: its weight's kind (get_attr), else its target, arguments and inputs."""
+    if n.op == "get_attr":
+        return _Source((n.target, *_tensor_kind(getattr(gm, n.target, None))), ())
+    inputs = tuple(a.meta.get("val") for a in n.all_input_nodes)
+    return _Source((n.target, repr(n.args), repr(n.kwargs)), inputs)
 
 
 class _Source:
